@@ -1,0 +1,543 @@
+"""Attention benchmark: the low-rank path of the guarded op against exact attention.
+
+Times forward + backward of
+
+* exact:   `torch.nn.functional.scaled_dot_product_attention`, compiled by Inductor;
+* lowrank: `guarded_attention(..., AttentionConfig(paths="lowrank", degree=2))`, compiled by Inductor;
+* guard:   `norm_bound` alone (forward only; the backward reuses the saved predicate),
+
+for d = 64, causal and non-causal, over a range of sequence lengths, and derives the crossover
+length (smallest L from which the low-rank path is faster) that `lora_pass.guard.CROSSOVER_D64_G2`
+is set from. Every (mode, causal, L) runs in a fresh subprocess with its own Inductor cache, so
+compile times are cold and peak memory is not polluted by other configurations.
+
+    python bench/attention.py                      # L = 1,024 .. 32,768, causal and non-causal
+    python bench/attention.py --quick              # L in {256, 512}, one repeat: a smoke test
+    python bench/attention.py --lengths 4096 8192 --causal true --repeats 3
+
+Writes `attention.json` and `attention.md` to --out (default bench/results/<machine>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+HEAD_DIM = 64
+DEGREE = 2
+TOLERANCE = 0.05  # the backend's default; only used to report R_max next to the measured R
+DEFAULT_LENGTHS = [1024 * 2**i for i in range(6)]  # 1,024 .. 32,768
+QUICK_LENGTHS = [256, 512]
+MODES = ("exact", "lowrank", "guard")
+RESULT_TAG = "@@result@@"  # marks the worker's JSON line on stdout
+
+# Targets the low-rank path is meant to meet (checked and reported, never enforced).
+GOALS = {
+    "crossover_causal_at_most": 8192,
+    "speedup_at_32768_at_least": 3.0,
+    "growth_per_doubling_at_most": 2.2,
+    "memory_not_above_exact_from": 8192,
+    "guard_percent_at_most": 2.0,
+}
+
+
+# --- worker: one (mode, causal, L) in its own process ---------------------------------------------
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_freed_memory() -> None:
+    """Make RSS follow live tensors: big blocks are mmap'ed (unmapped on free) and the heap trimmed.
+
+    Without this glibc keeps freed blocks and a step that reuses them shows no RSS growth.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), Linux."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def _machine_busy(seconds: float = 1.0) -> float:
+    """CPU cores kept busy by other processes over `seconds`."""
+    b0, s0 = _cpu_seconds()
+    time.sleep(seconds)
+    b1, s1 = _cpu_seconds()
+    return max(0.0, (b1 - b0) - (s1 - s0)) / seconds
+
+
+def _median_time(fn, repeats: int, sync, min_sample_s: float = 0.0) -> tuple[float, list[float]]:
+    """Median seconds per call over `repeats` samples; a sample loops until min_sample_s."""
+    samples = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_sample_s:
+                break
+        samples.append(elapsed / calls)
+    return statistics.median(samples), samples
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lora_pass.guard import norm_bound, r_max
+    from lora_pass.ops.attention import AttentionConfig, guarded_attention
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    causal, length, mode = spec["causal"], spec["length"], spec["mode"]
+    scale = HEAD_DIM**-0.5
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # small logits so that the guard would pass: R = scale * max||q|| * max||k - mu|| ~ 0.15
+    gen = torch.Generator().manual_seed(spec["seed"])
+    shape = (spec["batch"], spec["heads"], length, HEAD_DIM)
+
+    def make(std):
+        return (std * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+
+    q, k, v, dout = make(spec["qk_std"]), make(spec["qk_std"]), make(1.0), make(1.0)
+    for t in (q, k, v):
+        t.requires_grad_()
+    sync()
+    bound = float(norm_bound(q.detach(), k.detach(), scale=scale))
+    base_rss = _rss_mb("VmRSS")
+    result = {
+        "mode": mode, "causal": causal, "length": length,
+        "bound": bound, "r_max": r_max(DEGREE, TOLERANCE),
+        "threads": torch.get_num_threads(),
+    }
+
+    if mode == "guard":
+        fn = torch.compile(lambda a, b: norm_bound(a, b, scale=scale), backend="inductor", fullgraph=True)
+        qd, kd = q.detach(), k.detach()
+        step = lambda: fn(qd, kd)  # noqa: E731
+    else:
+        if mode == "exact":
+            def body(a, b, c):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
+        else:
+            cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE), paths="lowrank")
+
+            def body(a, b, c):
+                return guarded_attention(a, b, c, cfg)
+
+        fn = torch.compile(body, backend="inductor", fullgraph=True)
+
+        def step():
+            out = fn(q, k, v)
+            return torch.autograd.grad(out, (q, k, v), dout)
+
+    start = time.perf_counter()
+    step()  # compiles the forward and, on the first backward, the backward
+    sync()
+    result["compile_s"] = time.perf_counter() - start
+    result["compile_peak_rss_mb"] = _rss_mb("VmHWM") - base_rss  # includes the compiler itself
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    min_sample = 0.05 if mode == "guard" else 0.0  # the guard is too short to time one call
+    busy0, own0 = _cpu_seconds()
+    start = time.perf_counter()
+    result["time_s"], result["samples_s"] = _median_time(step, spec["repeats"], sync, min_sample)
+    busy1, own1 = _cpu_seconds()
+    # cores used by other processes while timing: on a shared machine they slow both paths
+    result["other_load"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - start)
+
+    if mode != "guard":  # peak memory of one more step, above what is live before it
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            step()
+            sync()
+            result["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            result["mem_method"] = "torch.cuda.max_memory_allocated"
+        else:
+            _release_freed_memory()
+            before = _rss_mb("VmRSS")
+            if _reset_peak_rss():
+                step()
+                result["peak_mem_mb"] = _rss_mb("VmHWM") - before
+                result["mem_method"] = "VmHWM growth over one step (clear_refs reset, mmap threshold 64 KiB)"
+            else:  # no reset: the high-water mark of the whole process, compile included
+                step()
+                result["peak_mem_mb"] = _rss_mb("VmHWM") - base_rss
+                result["mem_method"] = "VmHWM growth since inputs (compile included)"
+    return result
+
+
+# --- driver -----------------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return model
+
+
+def machine_slug(device: str) -> str:
+    """'cpu-amd-epyc-7b13', 'nvidia-h100-80gb-hbm3': a folder name for the results."""
+    name = device_name(device)
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", name, flags=re.I)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug if device == "cuda" else f"cpu-{slug}"
+
+
+def wait_until_idle(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most max_wait s) until other processes use under `threshold` cores; the wait."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait and _machine_busy(1.0) >= threshold:
+        pass
+    return time.perf_counter() - start
+
+
+def launch(spec: dict, timeout: float, warm_cache: bool) -> dict:
+    """Run one configuration in a fresh interpreter; on failure return the error instead."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="lora_pass_bench_") as cache:
+        if not warm_cache:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+            env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**_key(spec), "error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return {**json.loads(line[len(RESULT_TAG):]), "wall_s": wall}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {**_key(spec), "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def _key(spec):
+    return {"mode": spec["mode"], "causal": spec["causal"], "length": spec["length"]}
+
+
+def summarise(runs: list[dict], lengths, causals) -> list[dict]:
+    """One row per (causal, L) joining the three modes."""
+    by_key = {(r["mode"], r["causal"], r["length"]): r for r in runs}
+    rows = []
+    for causal in causals:
+        for length in lengths:
+            ex, lr, gd = (by_key.get((m, causal, length), {}) for m in MODES)
+            t_ex, t_lr, t_gd = ex.get("time_s"), lr.get("time_s"), gd.get("time_s")
+            rows.append({
+                "causal": causal,
+                "length": length,
+                "exact_ms": _ms(t_ex),
+                "lowrank_ms": _ms(t_lr),
+                "speedup": t_ex / t_lr if t_ex and t_lr else None,
+                "guard_ms": _ms(t_gd),
+                "guard_percent": 100 * t_gd / t_ex if t_gd and t_ex else None,
+                "exact_peak_mb": ex.get("peak_mem_mb"),
+                "lowrank_peak_mb": lr.get("peak_mem_mb"),
+                "exact_compile_s": ex.get("compile_s"),
+                "lowrank_compile_s": lr.get("compile_s"),
+                "bound": lr.get("bound", ex.get("bound")),
+                "other_load": max((r.get("other_load", 0.0) for r in (ex, lr, gd)), default=0.0),
+                "errors": {m: r["error"] for m, r in zip(MODES, (ex, lr, gd)) if "error" in r},
+            })
+    return rows
+
+
+def _ms(t):
+    return None if t is None else 1000 * t
+
+
+def crossover(rows: list[dict], causal: bool) -> dict:
+    """Smallest measured L from which the low-rank path is faster at every larger measured L.
+
+    `interpolated` places speedup = 1 by log-log interpolation between the two lengths around it.
+    """
+    pts = sorted((r["length"], r["speedup"]) for r in rows if r["causal"] == causal and r["speedup"])
+    if not pts:
+        return {"length": None, "interpolated": None, "note": "not measured"}
+    idx = len(pts)
+    while idx > 0 and pts[idx - 1][1] > 1.0:
+        idx -= 1
+    if idx == len(pts):
+        return {"length": None, "interpolated": None, "note": f"exact faster up to L = {pts[-1][0]}"}
+    length = pts[idx][0]
+    if idx == 0:
+        return {"length": length, "interpolated": None, "note": "faster at the smallest length measured"}
+    (l0, s0), (l1, s1) = pts[idx - 1], pts[idx]
+    frac = -math.log(s0) / (math.log(s1) - math.log(s0))
+    interp = math.exp(math.log(l0) + frac * (math.log(l1) - math.log(l0)))
+    return {"length": length, "interpolated": round(interp), "note": ""}
+
+
+def check_goals(rows: list[dict], cross: dict) -> dict:
+    g = GOALS
+    out = {}
+    limit = g["crossover_causal_at_most"]
+    c = cross.get("causal", {}).get("length")
+    measured = any(r["causal"] and r["length"] == limit and r["speedup"] for r in rows)
+    out[f"lowrank faster than exact from L <= {limit} (causal)"] = (
+        (c is not None and c <= limit) if measured else None
+    )
+    for causal in (True, False):
+        name = "causal" if causal else "non-causal"
+        at = [r["speedup"] for r in rows if r["causal"] == causal and r["length"] == 32768 and r["speedup"]]
+        out[f"speedup >= {g['speedup_at_32768_at_least']}x at L = 32768 ({name})"] = (
+            at[0] >= g["speedup_at_32768_at_least"] if at else None
+        )
+        times = sorted((r["length"], r["lowrank_ms"]) for r in rows if r["causal"] == causal and r["lowrank_ms"])
+        growth = [t1 / t0 for (l0, t0), (l1, t1) in zip(times, times[1:]) if l1 == 2 * l0]
+        out[f"lowrank time grows <= {g['growth_per_doubling_at_most']}x per doubling ({name})"] = (
+            max(growth) <= g["growth_per_doubling_at_most"] if growth else None
+        )
+    big = [r for r in rows if r["length"] >= g["memory_not_above_exact_from"]
+           and r["lowrank_peak_mb"] is not None and r["exact_peak_mb"] is not None]
+    out[f"lowrank peak memory <= exact from L >= {g['memory_not_above_exact_from']}"] = (
+        all(r["lowrank_peak_mb"] <= r["exact_peak_mb"] for r in big) if big else None
+    )
+    pct = [r["guard_percent"] for r in rows if r["guard_percent"] is not None]
+    out[f"guard < {g['guard_percent_at_most']}% of exact attention time"] = (
+        max(pct) < g["guard_percent_at_most"] if pct else None
+    )
+    return out
+
+
+def growth_table(rows):
+    """Low-rank time ratio t(2L) / t(L) for each doubling, per causality."""
+    out = {}
+    for causal in (True, False):
+        times = sorted((r["length"], r["lowrank_ms"]) for r in rows if r["causal"] == causal and r["lowrank_ms"])
+        out["causal" if causal else "non_causal"] = {
+            str(l1): round(t1 / t0, 3) for (l0, t0), (l1, t1) in zip(times, times[1:]) if l1 == 2 * l0
+        }
+    return out
+
+
+HEADERS = {
+    "causal": "causal", "length": "L", "exact_ms": "exact ms", "lowrank_ms": "lowrank ms",
+    "speedup": "exact/lowrank", "guard_ms": "guard ms", "guard_percent": "guard %",
+    "exact_peak_mb": "exact peak MiB", "lowrank_peak_mb": "lowrank peak MiB",
+    "exact_compile_s": "exact compile s", "lowrank_compile_s": "lowrank compile s", "bound": "R",
+    "other_load": "other load",
+}
+
+
+def render_table(rows, fmt):
+    from tabulate import tabulate
+
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if key == "length" or isinstance(value, bool):
+            return value
+        if key in ("bound", "guard_ms", "speedup", "other_load"):
+            return f"{value:.3f}" if key != "speedup" else f"{value:.2f}"
+        if key == "guard_percent":
+            return f"{value:.2f}"
+        return f"{value:.1f}"
+
+    body = [[cell(k, r[k]) for k in HEADERS] for r in rows]
+    return tabulate(body, headers=list(HEADERS.values()), tablefmt=fmt, disable_numparse=True)
+
+
+def write_markdown(path, report, rows):
+    lines = [
+        "# Attention benchmark: low-rank path against exact attention",
+        "",
+        f"* command: `{report['command']}`",
+        f"* date: {report['date']}",
+        f"* device: {report['device_name']} ({report['device']}, {report['threads']} threads)",
+        f"* torch {report['torch']}, Python {report['python']}",
+        f"* B = {report['settings']['batch']}, H = {report['settings']['heads']}, d = {HEAD_DIM}, "
+        f"degree {DEGREE}, {report['settings']['dtype']}, median of {report['settings']['repeats']} "
+        f"after {report['settings']['warmup']} warm-up call(s)",
+        f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}; measured R in the table",
+        "",
+        "Times are forward + backward (guard: forward only, it runs once per forward). Exact is",
+        "`scaled_dot_product_attention` compiled by Inductor; lowrank is the op with `paths=\"lowrank\"`.",
+        "Peak memory is the growth of resident memory (CPU) or of allocated memory (CUDA) over one",
+        "compiled step, above what is live before it (inputs, compiled code). Compile time is the first",
+        "forward + backward call with an empty Inductor cache. `other load` is the number of cores other",
+        "processes kept busy while a row was timed: above ~0.2 the times of that row are inflated.",
+        "",
+        render_table(rows, "github"),
+        "",
+        "## Crossover (smallest L from which lowrank is faster)",
+        "",
+    ]
+    for name, c in report["crossover"].items():
+        if isinstance(c, dict):
+            extra = f", interpolated {c['interpolated']}" if c.get("interpolated") else ""
+            note = f" ({c['note']})" if c.get("note") else ""
+            lines.append(f"* {name}: {c['length']}{extra}{note}")
+    lines += ["", "## Low-rank time per doubling of L", ""]
+    for name, g in report["growth_per_doubling"].items():
+        lines.append(f"* {name}: " + ", ".join(f"{k}: {v:.2f}x" for k, v in g.items()))
+    lines += ["", "## Goals", ""]
+    for name, ok in report["goals"].items():
+        lines.append(f"* {'yes' if ok else 'no' if ok is not None else 'not measured'}: {name}")
+    errors = [(r["causal"], r["length"], e) for r in rows for e in r["errors"].items()]
+    if errors:
+        lines += ["", "## Errors", ""]
+        lines += [f"* causal={c} L={length} {m}: {msg}" for c, length, (m, msg) in errors]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 1024 .. 32768)")
+    p.add_argument("--causal", choices=("both", "true", "false"), default="both")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls after the compiling one (default 1)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--qk-std", type=float, default=0.1, help="std of q and k entries (sets R)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="L in {256, 512}, 1 repeat, no warm-up")
+    p.add_argument("--warm-cache", action="store_true", help="reuse the Inductor cache (compile times not cold)")
+    p.add_argument("--wait-idle", type=float, default=60,
+                   help="before each configuration, wait up to this many seconds for other processes to go idle")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
+    p.add_argument("--out", type=Path, default=None, help="default bench/results/<machine>/")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return
+
+    import torch
+    from tqdm import tqdm
+
+    from lora_pass.guard import r_max
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    causals = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
+    lengths = sorted(set(args.lengths))
+    out_dir = args.out or ROOT / "bench" / "results" / machine_slug(device)
+    specs = [
+        {"mode": mode, "causal": causal, "length": length, "device": device, "dtype": args.dtype,
+         "batch": args.batch, "heads": args.heads, "repeats": args.repeats, "warmup": args.warmup,
+         "qk_std": args.qk_std, "seed": args.seed}
+        for causal in causals for length in lengths for mode in MODES
+    ]
+    runs = []
+    bar = tqdm(specs, unit="config")
+    for spec in bar:
+        bar.set_description(f"{spec['mode']:>7} causal={spec['causal']!s:<5} L={spec['length']}")
+        waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
+        run = {**launch(spec, args.timeout, args.warm_cache), "waited_for_idle_s": waited}
+        if "error" in run:
+            tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
+        runs.append(run)
+
+    rows = summarise(runs, lengths, causals)
+    cross = {"device": device, "head_dim": HEAD_DIM, "degree": DEGREE}
+    for causal in causals:
+        cross["causal" if causal else "non_causal"] = crossover(rows, causal)
+    report = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "r_max": r_max(DEGREE, TOLERANCE),
+        "crossover": cross,
+        "growth_per_doubling": growth_table(rows),
+        "rows": rows,
+        "runs": runs,
+    }
+    report["goals"] = check_goals(rows, cross)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_markdown(out_dir / "attention.md", report, rows)
+
+    print(render_table(rows, "simple"))
+    for name in ("causal", "non_causal"):
+        if name in cross:
+            print(f"crossover {name}: {cross[name]}")
+    for name, ok in report["goals"].items():
+        print(f"{'yes' if ok else 'no' if ok is not None else 'n/a':>4}  {name}")
+    print(f"wrote {out_dir / 'attention.json'} and {out_dir / 'attention.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""lora_pass: a torch.compile backend for LoRA fine-tuning of attention.
+
+    import lora_pass  # optional: the backend is also found through its entry point
+    compiled = torch.compile(model, backend="lowrank_lora", options={"tolerance": 0.05})
+
+Public API: `lowrank_lora` (the backend), `Options`, `records()`, `sites()`, `telemetry()`,
+`guarded_attention` and `AttentionConfig` (the op).
+"""
+
+from __future__ import annotations
+
+from .backend import lowrank_lora
+from .ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention
+from .options import Options
+
+__all__ = ["lowrank_lora", "Options", "AttentionConfig", "guarded_attention", "records", "sites", "telemetry", "reset"]
+
+
+def records():
+    """GraphRecords of every graph compiled by the backend in this process, oldest first."""
+    from .backend import _RECORDS
+
+    return list(_RECORDS)
+
+
+def sites():
+    """Every rewritten site still alive, in compile order."""
+    from .backend import _SITE_MODULES
+
+    return [m.site for _, m in sorted(_SITE_MODULES.items(), key=lambda kv: kv[1].site.index)]
+
+
+def telemetry():
+    """Per live site: its Site record and its counters (one host read for all sites)."""
+    from .backend import _SITE_MODULES
+
+    out = []
+    for module in _SITE_MODULES.values():
+        stats = None if module.stats is None else dict(zip(STATS_FIELDS, module.stats.tolist()))
+        out.append((module.site, stats))
+    return out
+
+
+def reset():
+    """Forget the records of earlier compilations (the compiled models keep working)."""
+    from .backend import _RECORDS, _SITE_MODULES
+
+    _RECORDS.clear()
+    _SITE_MODULES.clear()

@@ -1,0 +1,40 @@
+"""The `lowrank_lora` torch.compile backend: parse options, rewrite attention, hand to Inductor."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch.fx as fx
+
+from . import compat
+from .options import Options
+from .rewrite import AttentionSite, GraphRecord, rewrite_graph
+
+#: One GraphRecord per graph compiled by this process, oldest first (see `lora_pass.records()`).
+_RECORDS: list[GraphRecord] = []
+_SITE_MODULES: "weakref.WeakValueDictionary[int, AttentionSite]" = weakref.WeakValueDictionary()
+
+
+def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **unused):
+    """torch.compile backend: `torch.compile(model, backend="lowrank_lora", options={...})`.
+
+    Finds LoRA-adapted softmax attention in the Dynamo graph, replaces it by the guarded
+    low-rank op (lora_pass.ops.attention) and compiles the result with Inductor. `mode`
+    ("max-autotune", ...) and `options["inductor"]` are passed on to Inductor. A graph with
+    nothing to rewrite is compiled exactly as `backend="inductor"` compiles it.
+    """
+    if unused:
+        raise ValueError(f"lowrank_lora: unexpected arguments {sorted(unused)}; pass settings through options={{...}}")
+    opts = Options.parse(options)
+    record = rewrite_graph(gm, opts)
+    _RECORDS.append(record)
+    for site in record.sites:
+        module = gm.get_submodule(site.submodule)
+        module.site = site
+        _SITE_MODULES[id(module)] = module
+    patches = dict(compat.list_mode_options(mode)) if mode else {}
+    patches.update(opts.inductor)
+    return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+compat.register_backend(compiler_fn=lowrank_lora, name="lowrank_lora")

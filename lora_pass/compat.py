@@ -1,0 +1,66 @@
+"""Every private torch._dynamo / torch._inductor API the project uses, in one place."""
+
+from __future__ import annotations
+
+import torch
+
+from torch._dynamo import register_backend  # noqa: F401
+from torch._inductor import list_mode_options  # noqa: F401
+from torch._inductor.compile_fx import compile_fx  # noqa: F401
+
+
+def register_graph_buffer(gm, name: str) -> None:
+    """Tell AOTAutograd where a buffer that the backend added to a Dynamo graph comes from.
+
+    AOTAutograd maps every parameter and buffer of a Dynamo graph back to a Dynamo source;
+    a buffer added after tracing has none, so it gets a constant source of its own.
+    """
+    from torch._dynamo.source import ConstantSource
+
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        sources[name] = ConstantSource(f"__lowrank_lora_{name}")
+
+
+
+def cond(pred, true_fn, false_fn, operands):
+    """The cond higher-order op itself, without torch.cond's own Dynamo pass over the branches.
+
+    The backend calls it while AOTAutograd traces (make_fx), which traces both branches into
+    subgraphs; in eager it runs the branch that `pred` selects.
+    """
+    from torch._higher_order_ops.cond import cond_op
+
+    return cond_op(pred, true_fn, false_fn, tuple(operands))
+
+
+def _pin_cond_operand_strides():
+    """Make Inductor pass cond operands with the strides their subgraphs were compiled for.
+
+    Inductor (2.11 - 2.14) compiles a cond subgraph for the operands' FakeTensor strides but
+    realizes the operands with whatever layout it picked for them; a transposed gradient then
+    reaches a subgraph compiled for a contiguous one. Requiring the traced strides fixes it
+    (a copy only where the layouts really differ).
+    """
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    original = ir.Conditional.create
+    if getattr(original, "_lowrank_lora_pinned", False):
+        return
+
+    def create(cls, predicate, true_fn, false_fn, operands):
+        fx_operands = V.graph.current_node.args[-1]
+        pinned = []
+        for x, fx_op in zip(operands, fx_operands):
+            fake = fx_op.meta.get("val") if isinstance(fx_op, torch.fx.Node) else None
+            if isinstance(fake, torch.Tensor) and isinstance(x, ir.TensorBox):
+                x = ir.ExternKernel.require_exact_strides(x, fake.stride(), allow_padding=False)
+            pinned.append(x)
+        return original.__func__(cls, predicate, true_fn, false_fn, pinned)
+
+    create._lowrank_lora_pinned = True
+    ir.Conditional.create = classmethod(create)
+
+
+_pin_cond_operand_strides()

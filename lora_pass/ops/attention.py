@@ -1,0 +1,170 @@
+"""The guarded attention op used by every rewritten site.
+
+    out = guarded_attention(q, k, v, config, stats, key_weight=None)
+
+Forward: R = norm_bound(q, k) in the graph; pred = R <= R_max (False for NaN/Inf);
+compat.cond(pred, low-rank forward, exact forward). Backward: torch.cond on the same saved pred,
+so the gradient is always that of the path the forward took. Both branches are traced, so
+Inductor compiles them (C++ on CPU, Triton on GPU); nothing breaks the graph and nothing
+depends on the data at trace time, so steps do not recompile.
+
+The per-site telemetry buffer `stats` (see STATS_FIELDS) is updated in place by the
+`lora_pass::record_forward` and `lora_pass::record_backward` ops, with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import compat
+from ..guard import norm_bound
+from .exact import exact_attention_backward, exact_attention_forward
+from .lowrank import lowrank_attention_backward, lowrank_attention_forward
+
+STATS_FIELDS = (
+    "forward_lowrank",  # forward calls that took the low-rank path
+    "forward_exact",  # forward calls that took the exact path
+    "backward_lowrank",
+    "backward_exact",
+    "last_bound",  # R of the last call (NaN where the bound is not computed)
+    "max_bound",  # largest finite R seen
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Static description of one site, fixed at compile time."""
+
+    scale: float
+    causal: bool
+    degree: int = 2
+    r_max: float = 0.0
+    paths: str = "guarded"  # "guarded" (cond on the guard), "lowrank" (always), "exact" (always)
+
+
+def new_stats(device) -> torch.Tensor:
+    stats = torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=device)
+    stats[STATS_FIELDS.index("last_bound")] = math.nan
+    return stats
+
+
+@torch.library.custom_op("lora_pass::record_forward", mutates_args={"stats"})
+def record_forward(stats: torch.Tensor, bound: torch.Tensor, lowrank: torch.Tensor) -> None:
+    """Count one forward call on the path `lowrank` took and remember its bound R."""
+    took = lowrank.to(stats.dtype)
+    stats[0] += took
+    stats[1] += 1 - took
+    b = bound.to(stats.dtype)
+    stats[4] = b
+    stats[5] = torch.where(torch.isfinite(b), torch.maximum(stats[5], b), stats[5])
+
+
+@record_forward.register_fake
+def _(stats, bound, lowrank):
+    return None
+
+
+@torch.library.custom_op("lora_pass::record_backward", mutates_args={"stats"})
+def record_backward(stats: torch.Tensor, lowrank: torch.Tensor) -> None:
+    """Count one backward call on the path the forward took."""
+    took = lowrank.to(stats.dtype)
+    stats[2] += took
+    stats[3] += 1 - took
+
+
+@record_backward.register_fake
+def _(stats, lowrank):
+    return None
+
+
+def _branches(cfg: AttentionConfig, has_weight: bool):
+    """Forward and backward of both paths as functions of tensors only (torch.cond operands)."""
+    kw = dict(scale=cfg.scale, causal=cfg.causal)
+
+    def split(rest):
+        return (rest[0] if has_weight else None), rest[1:] if has_weight else rest
+
+    def lowrank_fwd(q, k, v, *rest):
+        w, _ = split(rest)
+        out = lowrank_attention_forward(q, k, v, degree=cfg.degree, key_weight=w, **kw)
+        return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+    def exact_fwd(q, k, v, *rest):
+        w, _ = split(rest)
+        out, lse = exact_attention_forward(q, k, v, key_weight=w, **kw)
+        return out.contiguous(), lse.contiguous()
+
+    def lowrank_bwd(dout, q, k, v, out, lse, *rest):
+        w, _ = split(rest)
+        grads = lowrank_attention_backward(dout, q, k, v, out, degree=cfg.degree, key_weight=w, **kw)
+        return tuple(g.contiguous() for g in grads)
+
+    def exact_bwd(dout, q, k, v, out, lse, *rest):
+        w, _ = split(rest)
+        grads = exact_attention_backward(dout, q, k, v, out, lse, key_weight=w, **kw)
+        return tuple(g.contiguous() for g in grads)
+
+    return lowrank_fwd, exact_fwd, lowrank_bwd, exact_bwd
+
+
+class GuardedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_weight, stats, cfg: AttentionConfig):
+        lowrank_fwd, exact_fwd, _, _ = _branches(cfg, key_weight is not None)
+        extra = () if key_weight is None else (key_weight,)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if cfg.paths == "exact":
+            pred = torch.zeros((), dtype=torch.bool, device=q.device)
+            bound = torch.full((), math.nan, device=q.device)
+            out, lse = exact_fwd(q, k, v, *extra)
+        else:
+            bound = norm_bound(q, k, scale=cfg.scale, key_weight=key_weight)
+            if cfg.paths == "lowrank":
+                pred = torch.ones((), dtype=torch.bool, device=q.device)
+                out, lse = lowrank_fwd(q, k, v, *extra)
+            else:
+                pred = bound <= cfg.r_max
+                out, lse = compat.cond(pred, lowrank_fwd, exact_fwd, (q, k, v, *extra))
+        if stats is not None:
+            record_forward(stats, bound, pred)
+        ctx.cfg, ctx.has_weight, ctx.stats = cfg, key_weight is not None, stats
+        ctx.save_for_backward(q, k, v, out, lse, pred, *extra)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, pred, *extra = ctx.saved_tensors
+        cfg = ctx.cfg
+        _, _, lowrank_bwd, exact_bwd = _branches(cfg, ctx.has_weight)
+        args = (dout.contiguous(), q, k, v, out, lse, *extra)
+        if cfg.paths == "exact":
+            dq, dk, dv = exact_bwd(*args)
+        elif cfg.paths == "lowrank":
+            dq, dk, dv = lowrank_bwd(*args)
+        else:
+            dq, dk, dv = compat.cond(pred, lowrank_bwd, exact_bwd, args)
+        if ctx.stats is not None:
+            record_backward(ctx.stats, pred)
+        return dq, dk, dv, None, None, None
+
+
+def guarded_attention(q, k, v, config: AttentionConfig, stats=None, key_weight=None):
+    """Softmax attention with a norm guard between a low-rank and an exact path.
+
+    Args:
+        q: [B, Hq, L, D] queries; k, v: [B, Hkv, L, D] with Hq a multiple of Hkv (GQA).
+        config: scale, causality, Taylor degree, R_max and which paths are compiled in.
+        stats: optional float64 telemetry buffer from `new_stats`, updated in place.
+        key_weight: optional [B, L] per-key weight (0 masks a key out; exp(b) adds a bias b).
+
+    Returns:
+        [B, Hq, L, D] in the dtype of q.
+
+    Example:
+        >>> cfg = AttentionConfig(scale=0.125, causal=True, degree=2, r_max=0.2)
+        >>> out = guarded_attention(q, k, v, cfg)
+    """
+    return GuardedAttention.apply(q, k, v, key_weight, stats, config)

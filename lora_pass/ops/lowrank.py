@@ -1,0 +1,214 @@
+"""Chunked low-rank attention forward and chained backward, written for Inductor.
+
+Nothing here forms an L x L matrix: keys and queries are processed in chunks of `chunk` rows,
+features are recomputed in the backward instead of being saved, and every product is
+(rows x k)(k x d) or smaller. Causal attention uses prefix states H_<c, z_<c for earlier chunks
+and the exact Taylor polynomial inside a chunk; its backward runs the scan in reverse.
+
+Layout: q [B, Hq, Lq, D] is viewed as [B, Hkv, G * rows, D] per chunk so that the G query heads
+of a KV head share its states (GQA without copying K or V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .features import taylor_features, taylor_features_vjp
+from .naive import key_center, taylor_polynomial
+
+MIN_CHUNK = 256
+MAX_CHUNKS = 32
+
+
+def chunk_size(length: int) -> int:
+    """Rows per chunk: at least MIN_CHUNK, at most MAX_CHUNKS chunks (bounds the unrolled graph)."""
+    c = max(MIN_CHUNK, math.ceil(length / MAX_CHUNKS))
+    return min(length, 64 * math.ceil(c / 64)) if length > 0 else 1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Prepared:
+    """Centred, scaled and regrouped inputs shared by forward and backward."""
+
+    def __init__(self, q, k, v, scale, key_weight):
+        cdt = compute_dtype(q.dtype)
+        b, hq, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        self.b, self.hkv, self.g, self.lq, self.lk, self.d = b, hkv, hq // hkv, lq, lk, d
+        self.root = math.sqrt(scale)
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        self.qt = (q * self.root).view(b, hkv, self.g, lq, d)
+        self.kt = (k - key_center(k, key_weight)) * self.root
+        self.v = v
+        self.w = None if key_weight is None else key_weight.to(cdt)[:, None, :, None]
+
+    def q_rows(self, t, start, stop):
+        """[B, Hkv, G, Lq, X] rows start:stop -> [B, Hkv, G * rows, X]."""
+        rows = t[:, :, :, start:stop]
+        return rows.reshape(self.b, self.hkv, self.g * (stop - start), t.shape[-1])
+
+    def from_q_rows(self, t, rows):
+        return t.view(self.b, self.hkv, self.g, rows, t.shape[-1])
+
+    def key_weight(self, start, stop):
+        return None if self.w is None else self.w[:, :, start:stop]
+
+
+def _key_features(p: _Prepared, start, stop, degree):
+    pk = taylor_features(p.kt[:, :, start:stop], degree)
+    w = p.key_weight(start, stop)
+    return pk if w is None else pk * w
+
+
+def _intra_mask(p: _Prepared, rows, dtype, device):
+    tril = torch.ones(rows, rows, dtype=dtype, device=device).tril()
+    return tril.repeat(p.g, 1)  # [G * rows, rows]
+
+
+def _intra_weights(p: _Prepared, qt_c, kt_c, start, stop, degree):
+    """Masked exact polynomial inside a causal chunk: S, the mask and A = P_g(S) * mask."""
+    s = qt_c @ kt_c.transpose(-1, -2)
+    m = _intra_mask(p, stop - start, s.dtype, s.device)
+    w = p.key_weight(start, stop)
+    if w is not None:
+        m = m * w.transpose(-1, -2)
+    return s, m, taylor_polynomial(s, degree) * m
+
+
+def _states(p: _Prepared, degree, chunk):
+    """H = sum_j Phi(kt_j) v_j^T and z = sum_j Phi(kt_j), accumulated over key chunks."""
+    h = z = None
+    for start in range(0, p.lk, chunk):
+        stop = min(start + chunk, p.lk)
+        pk = _key_features(p, start, stop, degree)
+        dh, dz = pk.transpose(-1, -2) @ p.v[:, :, start:stop], pk.sum(-2)
+        h = dh if h is None else h + dh
+        z = dz if z is None else z + dz
+    return h, z
+
+
+def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None):
+    """Low-rank attention output [B, Hq, Lq, D] in the dtype of q."""
+    p = _Prepared(q, k, v, scale, key_weight)
+    chunk = chunk or chunk_size(max(p.lq, 1))
+    outs = []
+    if not causal:
+        h, z = _states(p, degree, chunk)
+        for start in range(0, p.lq, chunk):
+            stop = min(start + chunk, p.lq)
+            pq = taylor_features(p.q_rows(p.qt, start, stop), degree)
+            outs.append(p.from_q_rows((pq @ h) / (pq @ z[..., None]), stop - start))
+    else:
+        h = z = None  # prefix states, float64 so that the backward can peel chunks off exactly
+        for start in range(0, p.lq, chunk):
+            stop = min(start + chunk, p.lq)
+            qt_c, kt_c, v_c = p.q_rows(p.qt, start, stop), p.kt[:, :, start:stop], p.v[:, :, start:stop]
+            _, _, a = _intra_weights(p, qt_c, kt_c, start, stop, degree)
+            num, den = a @ v_c, a.sum(-1, keepdim=True)
+            pk = _key_features(p, start, stop, degree)
+            if h is not None:
+                pq = taylor_features(qt_c, degree)
+                num = num + pq @ h.to(num.dtype)
+                den = den + pq @ z.to(num.dtype)[..., None]
+            outs.append(p.from_q_rows(num / den, stop - start))
+            dh, dz = (pk.transpose(-1, -2) @ v_c).double(), pk.sum(-2).double()
+            h = dh if h is None else h + dh
+            z = dz if z is None else z + dz
+    out = torch.cat(outs, dim=3) if outs else p.qt.new_zeros(p.qt.shape)
+    return out.reshape(q.shape).to(q.dtype)
+
+
+def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None):
+    """Chained low-rank gradient (dq, dk, dv) of `lowrank_attention_forward`; mu is a constant."""
+    p = _Prepared(q, k, v, scale, key_weight)
+    chunk = chunk or chunk_size(max(p.lq, 1))
+    cdt = p.qt.dtype
+    do = dout.to(cdt).view(p.qt.shape)
+    o = out.to(cdt).view(p.qt.shape)
+    dqs, dks, dvs = [], [], []
+    if not causal:
+        h, z = _states(p, degree, chunk)
+        dh = dz = None
+        for start in range(0, p.lq, chunk):
+            stop = min(start + chunk, p.lq)
+            qt_c = p.q_rows(p.qt, start, stop)
+            pq = taylor_features(qt_c, degree)
+            dn, dden = _output_grads(p, pq @ z[..., None], do, o, start, stop)
+            dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
+            dqs.append(p.from_q_rows(taylor_features_vjp(qt_c, dpq, degree), stop - start))
+            g_h, g_z = pq.transpose(-1, -2) @ dn, (pq * dden).sum(-2)
+            dh = g_h if dh is None else dh + g_h
+            dz = g_z if dz is None else dz + g_z
+        for start in range(0, p.lk, chunk):
+            stop = min(start + chunk, p.lk)
+            dk_c, dv_c = _key_grads(p, start, stop, degree, dh, dz)
+            dks.append(dk_c)
+            dvs.append(dv_c)
+    else:
+        h_total, z_total = (t.double() for t in _states(p, degree, chunk))
+        h_suffix = z_suffix = None  # sum of the states of chunk c and later (float64)
+        dh = dz = None  # gradient reaching the keys of chunks before the current one
+        for start in reversed(range(0, p.lq, chunk)):
+            stop = min(start + chunk, p.lq)
+            qt_c, kt_c, v_c = p.q_rows(p.qt, start, stop), p.kt[:, :, start:stop], p.v[:, :, start:stop]
+            pk = _key_features(p, start, stop, degree)
+            g_h, g_z = (pk.transpose(-1, -2) @ v_c).double(), pk.sum(-2).double()
+            h_suffix = g_h if h_suffix is None else h_suffix + g_h
+            z_suffix = g_z if z_suffix is None else z_suffix + g_z
+            s, m, a = _intra_weights(p, qt_c, kt_c, start, stop, degree)
+            den = a.sum(-1, keepdim=True)
+            if start > 0:
+                h_prev, z_prev = (h_total - h_suffix).to(cdt), (z_total - z_suffix).to(cdt)
+                pq = taylor_features(qt_c, degree)
+                den = den + pq @ z_prev[..., None]
+            dn, dden = _output_grads(p, den, do, o, start, stop)
+            # inside the chunk: exact polynomial, P_g' = P_{g-1}
+            ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, degree - 1)
+            dqt_c = ds @ kt_c
+            dkt_c = ds.transpose(-1, -2) @ qt_c
+            dv_c = a.transpose(-1, -2) @ dn
+            if start > 0:
+                dpq = dn @ h_prev.transpose(-1, -2) + dden * z_prev[..., None, :]
+                dqt_c = dqt_c + taylor_features_vjp(qt_c, dpq, degree)
+            if dh is not None:  # keys of this chunk feed the states of every later chunk
+                dk_inter, dv_inter = _key_grads(p, start, stop, degree, dh, dz, pk=pk)
+                dkt_c = dkt_c + dk_inter / p.root
+                dv_c = dv_c + dv_inter
+            if start > 0:
+                g_h, g_z = pq.transpose(-1, -2) @ dn, (pq * dden).sum(-2)
+                dh = g_h if dh is None else dh + g_h
+                dz = g_z if dz is None else dz + g_z
+            dqs.append(p.from_q_rows(dqt_c, stop - start))
+            dks.append(dkt_c * p.root)
+            dvs.append(dv_c)
+        dqs.reverse(), dks.reverse(), dvs.reverse()
+    dq = (torch.cat(dqs, dim=3) * p.root).reshape(q.shape).to(q.dtype)
+    dk = torch.cat(dks, dim=2).to(k.dtype)
+    dv = torch.cat(dvs, dim=2).to(v.dtype)
+    return dq, dk, dv
+
+
+def _output_grads(p: _Prepared, den, do, o, start, stop):
+    """dN = dO / den and dden = -rowsum(dO * O) / den for query rows start:stop."""
+    do_c, o_c = p.q_rows(do, start, stop), p.q_rows(o, start, stop)
+    dn = do_c / den
+    dden = -(do_c * o_c).sum(-1, keepdim=True) / den
+    return dn, dden
+
+
+def _key_grads(p: _Prepared, start, stop, degree, dh, dz, pk=None):
+    """dk, dv of keys start:stop from the state gradients dH [.., k, D] and dz [.., k]."""
+    kt_c = p.kt[:, :, start:stop]
+    if pk is None:
+        pk = _key_features(p, start, stop, degree)
+    dpk = p.v[:, :, start:stop] @ dh.transpose(-1, -2) + dz[..., None, :]
+    dv_c = pk @ dh
+    w = p.key_weight(start, stop)
+    if w is not None:
+        dpk = dpk * w
+    return taylor_features_vjp(kt_c, dpk, degree) * p.root, dv_c

@@ -1,0 +1,205 @@
+"""Replaces matched attention sites by the guarded op and records what it did."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+
+import torch
+import torch.fx as fx
+
+from . import compat, guard, matcher
+from .ops.attention import AttentionConfig, guarded_attention, new_stats, record_forward
+from .ops.features import feature_rank
+from .options import Options
+from .patterns import FAMILIES
+
+log = logging.getLogger("lora_pass")
+
+
+class AttentionSite(torch.nn.Module):
+    """Submodule called by a rewritten graph: key weights from the mask, then the op.
+
+    With `paths == "exact"` the site keeps plain SDPA, so Inductor lowers it exactly as it
+    would without the backend; only the telemetry counter is added.
+    """
+
+    def __init__(self, config: AttentionConfig, mask_kind: str, gqa: bool, device, telemetry: bool):
+        super().__init__()
+        self.config, self.mask_kind, self.gqa = config, mask_kind, gqa
+        self.register_buffer("stats", new_stats(device) if telemetry else None, persistent=False)
+
+    def forward(self, q, k, v, mask=None):
+        cfg = self.config
+        if cfg.paths == "exact":
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=cfg.causal, scale=cfg.scale, enable_gqa=self.gqa
+            )
+            if self.stats is not None:
+                off = torch.zeros((), dtype=torch.bool, device=q.device)
+                record_forward(self.stats, torch.full((), math.nan, device=q.device), off)
+            return out
+        return guarded_attention(q, k, v, cfg, self.stats, key_weight=_key_weight(mask, k))
+
+
+def _key_weight(mask, k):
+    """[B, 1, 1, L] bool or additive float mask -> [B, L] float32 key weights (or None)."""
+    if mask is None:
+        return None
+    m = mask.reshape(mask.shape[0], mask.shape[-1]).expand(k.shape[0], k.shape[2])
+    if m.dtype == torch.bool:
+        return m.float()
+    m = m.float()
+    return torch.exp(m - m.amax(-1, keepdim=True).clamp_min(-1e30))
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What one call of the backend did to one graph."""
+
+    sites: list
+    skipped: list
+    graph_before: str
+    graph_after: str
+
+
+def _shape(node):
+    value = matcher.meta_value(node)
+    return None if value is None else tuple(value.shape)
+
+
+def _static(*dims) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def _plan(cand: matcher.Candidate, opts: Options, index: int):
+    """-> (Site, mask_kind) or Skipped for one candidate."""
+    module = matcher.module_path(cand.output)
+    skip = lambda reason: matcher.Skipped(module, cand.family, reason)  # noqa: E731
+    if cand.skip_reason:
+        return skip(cand.skip_reason)
+    qs, ks, vs = _shape(cand.q), _shape(cand.k), _shape(cand.v)
+    if qs is None or ks is None or vs is None or len(qs) != 4 or len(ks) != 4 or ks != vs:
+        return skip(f"q/k/v are not [B, H, L, D] tensors of matching shapes ({qs}, {ks}, {vs})")
+    b, hq, lq, d = qs
+    hkv, lk = ks[1], ks[2]
+    if not _static(b, hq, lq, d, hkv, lk):
+        return skip("dynamic shapes: the low-rank path needs static sequence lengths")
+    if ks[0] != b or ks[3] != d or hq % hkv:
+        return skip(f"unsupported head layout q {list(qs)} k {list(ks)}")
+    qv = matcher.meta_value(cand.q)
+    if not qv.dtype.is_floating_point:
+        return skip(f"dtype {qv.dtype}")
+    causal, mask_kind = cand.causal, "none"
+    if cand.mask is not None:
+        kind, reason = matcher.classify_mask(cand.mask, lq, lk)
+        if kind is None:
+            return skip(reason)
+        if kind == "causal":
+            causal, kind = True, "none"
+        mask_kind = kind
+    if causal and lq != lk:
+        return skip(f"causal attention with Lq={lq} != Lk={lk}")
+    if lq == 0 or lk == 0:
+        return skip("empty sequence")
+    projections = {name: matcher.trace_projection(node) for name, node in zip("qkv", (cand.q, cand.k, cand.v))}
+    if opts.require_lora and not any(p.adapted for p in projections.values()):
+        return skip("no LoRA-adapted projection (require_lora=True)")
+    scale = cand.scale if cand.scale is not None else d**-0.5
+    device_type = qv.device.type
+    if opts.mode == "exact":
+        paths, decision = "exact", 'mode="exact"'
+    elif opts.mode == "lowrank":
+        paths, decision = "lowrank", 'mode="lowrank"'
+    else:
+        crossover = opts.crossover
+        if crossover is None:
+            crossover = guard.crossover_length(d, opts.degree, device_type, causal)
+        if lq >= crossover:
+            paths, decision = "guarded", f"L={lq} >= crossover {crossover}: guard decides per call"
+        else:
+            paths, decision = "exact", f"L={lq} < crossover {crossover}: exact is faster"
+    site = matcher.Site(
+        index=index, module=module, family=cand.family, projections=projections, causal=causal,
+        mask=mask_kind if mask_kind != "none" else ("causal" if causal else "none"),
+        batch=b, heads=hq, kv_heads=hkv, seq_len=lq, head_dim=d, scale=float(scale),
+        degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
+        paths=paths, decision=decision,
+    )
+    return site, mask_kind
+
+
+def _candidates(graph: fx.Graph):
+    for node in list(graph.nodes):
+        for family in FAMILIES:
+            cand = family.match(node)
+            if cand is not None:
+                yield cand
+                break
+
+
+def rewrite_graph(gm: fx.GraphModule, opts: Options) -> GraphRecord:
+    """Rewrite every qualifying site of `gm` in place; never raises for a single site."""
+    before = gm.code
+    sites, skipped = [], []
+    for cand in list(_candidates(gm.graph)):
+        try:
+            planned = _plan(cand, opts, len(sites))
+            if isinstance(planned, matcher.Skipped):
+                skipped.append(planned)
+                log.info("lowrank_lora: skip %s (%s): %s", planned.module, planned.family, planned.reason)
+                continue
+            site, mask_kind = planned
+            _replace(gm, cand, site, mask_kind, opts)
+            sites.append(site)
+            log.info("lowrank_lora: rewrite %s (%s) paths=%s: %s", site.module, site.family, site.paths, site.decision)
+        except Exception as exc:  # a failure at one site leaves it exact; the compile goes on
+            module = matcher.module_path(cand.output)
+            warnings.warn(f"lowrank_lora: site {module} left unchanged after an error in the rewrite: {exc!r}")
+            skipped.append(matcher.Skipped(module, cand.family, f"rewrite failed: {exc!r}"))
+    if sites:
+        gm.graph.lint()
+        gm.recompile()
+    return GraphRecord(sites, skipped, before, gm.code if sites else before)
+
+
+def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, opts: Options):
+    qv = matcher.meta_value(cand.q)
+    config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths)
+    module = AttentionSite(config, mask_kind, site.heads != site.kv_heads, qv.device, opts.telemetry)
+    name = f"lowrank_lora_site_{site.index}"
+    while hasattr(gm, name):
+        name += "_"
+    gm.add_submodule(name, module)
+    if module.stats is not None:
+        compat.register_graph_buffer(gm, f"{name}.stats")
+    site.submodule = name
+    args = (cand.q, cand.k, cand.v) + ((cand.mask,) if mask_kind == "padding" else ())
+    out_value = matcher.meta_value(cand.output)
+    with gm.graph.inserting_before(cand.output):
+        new = gm.graph.call_module(name, args)
+        new.meta = dict(cand.output.meta)
+        result = new
+        if out_value is not None and out_value.dtype != qv.dtype:
+            result = gm.graph.call_method("to", (new, out_value.dtype))
+            result.meta = dict(cand.output.meta)
+    cand.output.replace_all_uses_with(result)
+    for node in cand.nodes:  # the core's nodes, output first: each is dead once its user is gone
+        if not node.users:
+            gm.graph.erase_node(node)
+    if cand.mask is not None and mask_kind != "padding":
+        _erase_dead(gm.graph, cand.mask)
+
+
+def _erase_dead(graph: fx.Graph, node: fx.Node):
+    """Erase a mask-building chain that nothing uses any more."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op in ("placeholder", "output"):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        todo.extend(inputs)

@@ -1,0 +1,77 @@
+"""matmul(q, k^T) [* scale | / scale] [+ mask] -> softmax(-1) [-> .to] [-> dropout] -> matmul(., v).
+
+Hugging Face's `eager` attention (OPT, BERT, LLaMA): float32 softmax, additive finfo.min mask.
+Every intermediate must feed only the next step: another consumer (returned attention weights,
+a hook) would need the L x L matrix that the low-rank path never forms.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from lora_pass.matcher import Candidate, arg, is_call, is_method, scalar
+
+FAMILY = "explicit_softmax"
+MATMUL = {torch.matmul, operator.matmul}
+SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
+
+
+def _only_user(node, user) -> bool:
+    return list(node.users) == [user]
+
+
+def _transposed_last(node):
+    """k from k.transpose(-1, -2) / k.transpose(2, 3) / torch.transpose(k, ...), else None."""
+    if is_method(node, {"transpose"}) or is_call(node, {torch.transpose}):
+        dims = sorted(d % 4 for d in node.args[1:3]) if all(isinstance(d, int) for d in node.args[1:3]) else None
+        if dims == [2, 3]:
+            return node.args[0]
+    return None
+
+
+def match(node) -> Candidate | None:
+    if not is_call(node, MATMUL):
+        return None
+    probs, v = node.args[0], node.args[1]
+    chain = [node]
+    reason = None
+    p = probs
+    if is_call(p, {torch.nn.functional.dropout}) or is_method(p, {"dropout"}):
+        rate, training = arg(p, 1, "p", 0.5), arg(p, 2, "training", True)
+        if rate != 0.0 and training:
+            reason = f"attention dropout in training (p={rate})"
+        chain.append(p)
+        p = p.args[0]
+    if is_method(p, {"to", "float", "type_as"}):
+        chain.append(p)
+        p = p.args[0]
+    if not (is_call(p, SOFTMAX) or is_method(p, {"softmax"})):
+        return None
+    dim = arg(p, 1, "dim")
+    if dim not in (-1, 3):
+        return None
+    chain.append(p)
+    s = p.args[0]
+    mask = None
+    if is_call(s, {operator.add, torch.add}) and isinstance(s.args[1], torch.fx.Node):
+        chain.append(s)
+        s, mask = s.args[0], s.args[1]
+    scale = 1.0
+    if is_call(s, {operator.mul, torch.mul, operator.truediv}) and scalar(s.args[1]) is not None:
+        chain.append(s)
+        factor = float(s.args[1])
+        scale = factor if s.target is not operator.truediv else 1.0 / factor
+        s = s.args[0]
+    if not is_call(s, MATMUL):
+        return None
+    q, kt = s.args
+    k = _transposed_last(kt)
+    if k is None:
+        return None
+    chain += [s, kt]
+    for prev, user in zip(chain[1:], chain[:-1]):
+        if not _only_user(prev, user):
+            reason = reason or f"intermediate {prev.name} has another consumer"
+    return Candidate(FAMILY, node, q, k, v, scale, False, mask, chain, reason)
