@@ -35,7 +35,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Prepared:
     """Centred, scaled and regrouped inputs shared by forward and backward."""
 
-    def __init__(self, q, k, v, scale, key_weight):
+    def __init__(self, q, k, v, scale, key_weight, center=None):
         cdt = compute_dtype(q.dtype)
         b, hq, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
@@ -43,7 +43,8 @@ class _Prepared:
         self.root = math.sqrt(scale)
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         self.qt = (q * self.root).view(b, hkv, self.g, lq, d)
-        self.kt = (k - key_center(k, key_weight)) * self.root
+        mu = key_center(k, key_weight) if center is None else center.to(cdt)
+        self.kt = (k - mu) * self.root
         self.v = v
         self.w = None if key_weight is None else key_weight.to(cdt)[:, None, :, None]
 
@@ -92,9 +93,12 @@ def _states(p: _Prepared, degree, chunk):
     return h, z
 
 
-def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None):
-    """Low-rank attention output [B, Hq, Lq, D] in the dtype of q."""
-    p = _Prepared(q, k, v, scale, key_weight)
+def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None, center=None):
+    """Low-rank attention output [B, Hq, Lq, D] in the dtype of q.
+
+    `center` [B, Hkv, 1, D] overrides the key centre mu (default: mean of the unmasked keys).
+    """
+    p = _Prepared(q, k, v, scale, key_weight, center)
     chunk = chunk or chunk_size(max(p.lq, 1))
     outs = []
     if not causal:
@@ -123,9 +127,10 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
     return out.reshape(q.shape).to(q.dtype)
 
 
-def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None):
+def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None,
+                               center=None):
     """Chained low-rank gradient (dq, dk, dv) of `lowrank_attention_forward`; mu is a constant."""
-    p = _Prepared(q, k, v, scale, key_weight)
+    p = _Prepared(q, k, v, scale, key_weight, center)
     chunk = chunk or chunk_size(max(p.lq, 1))
     cdt = p.qt.dtype
     do = dout.to(cdt).view(p.qt.shape)

@@ -1,0 +1,172 @@
+"""Low-rank path against readable references, forward and every gradient, float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_pass.ops import lowrank, naive
+from lora_pass.ops.attention import AttentionConfig, guarded_attention
+from lora_pass.ops.exact import exact_attention_backward, exact_attention_forward
+from lora_pass.ops.features import feature_rank, taylor_features, taylor_features_vjp
+
+CASES = [
+    # B, Hq, Hkv, L, D, causal, mask, degree, chunk
+    (2, 4, 2, 13, 8, False, None, 2, 5),
+    (2, 4, 2, 13, 8, True, None, 2, 5),
+    (2, 2, 2, 16, 8, True, None, 2, 4),
+    (1, 3, 1, 11, 4, True, "padding", 2, 4),
+    (2, 2, 1, 11, 4, False, "padding", 2, 3),
+    (2, 2, 2, 9, 4, True, "bias", 2, 4),
+    (1, 2, 2, 10, 4, False, "bias", 3, 4),
+    (1, 2, 1, 12, 4, True, None, 3, 5),
+    (1, 2, 2, 7, 6, True, None, 1, 3),
+    (1, 1, 1, 1, 4, True, None, 2, 4),
+]
+
+
+def case_id(c):
+    b, hq, hkv, length, d, causal, mask, g, chunk = c
+    return f"B{b}-H{hq}-KV{hkv}-L{length}-D{d}-{'causal' if causal else 'full'}-{mask or 'nomask'}-g{g}-C{chunk}"
+
+
+def make_inputs(b, hq, hkv, length, d, mask, dtype=torch.float64, q_scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, length, d, generator=g, dtype=dtype) * q_scale
+    k = torch.randn(b, hkv, length, d, generator=g, dtype=dtype) * q_scale + 0.5
+    v = torch.randn(b, hkv, length, d, generator=g, dtype=dtype)
+    w = None
+    if mask is not None:
+        w = (torch.rand(b, length, generator=g, dtype=dtype) > 0.3).to(dtype)
+        w[:, 0] = 1
+        if mask == "bias":
+            w = w * (torch.rand(b, length, generator=g, dtype=dtype) + 0.5)
+    return q, k, v, w
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_chunked_matches_surrogate(case):
+    b, hq, hkv, length, d, causal, mask, degree, chunk = case
+    q, k, v, w = make_inputs(b, hq, hkv, length, d, mask)
+    scale = d**-0.5
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = naive.lowrank_attention(qr, kr, vr, scale=scale, degree=degree, causal=causal, key_weight=w)
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    out = lowrank.lowrank_attention_forward(q, k, v, scale=scale, degree=degree, causal=causal, key_weight=w, chunk=chunk)
+    grads = lowrank.lowrank_attention_backward(dout, q, k, v, out, scale=scale, degree=degree, causal=causal,
+                                               key_weight=w, chunk=chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"d{name}: {m}")
+
+
+def test_default_chunking_covers_lengths_not_multiple_of_chunk():
+    length = lowrank.MIN_CHUNK + 37
+    q, k, v, _ = make_inputs(1, 2, 1, length, 4, None, q_scale=0.2)
+    out = lowrank.lowrank_attention_forward(q, k, v, scale=0.5, degree=2, causal=True)
+    ref = naive.lowrank_attention(q, k, v, scale=0.5, degree=2, causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert lowrank.chunk_size(length) < length
+
+
+def test_chunk_size_bounds_the_number_of_chunks():
+    for length in (1, 100, 256, 1000, 32768, 100000):
+        c = lowrank.chunk_size(length)
+        assert 1 <= c <= max(length, 1)
+        assert math.ceil(length / c) <= lowrank.MAX_CHUNKS
+
+
+@pytest.mark.parametrize("degree,d", [(1, 5), (2, 6), (3, 4)])
+def test_features_reproduce_taylor_polynomial_and_rank(degree, d):
+    x, y = torch.randn(7, d, dtype=torch.float64), torch.randn(7, d, dtype=torch.float64)
+    px, py = taylor_features(x, degree), taylor_features(y, degree)
+    assert px.shape[-1] == feature_rank(d, degree) == math.comb(d + degree, degree)
+    torch.testing.assert_close((px * py).sum(-1), naive.taylor_polynomial((x * y).sum(-1), degree))
+    grad = torch.randn_like(px)
+    xr = x.clone().requires_grad_()
+    (taylor_features(xr, degree) * grad).sum().backward()
+    torch.testing.assert_close(taylor_features_vjp(x, grad, degree), xr.grad)
+
+
+def test_feature_rank_for_head_dim_64():
+    assert feature_rank(64, 2) == 2145
+
+
+def test_surrogate_through_features_matches_explicit_polynomial():
+    q, k, v, w = make_inputs(2, 4, 2, 9, 4, "padding")
+    a = naive.lowrank_attention_features(q, k, v, scale=0.5, degree=2, key_weight=w)
+    b = naive.lowrank_attention(q, k, v, scale=0.5, degree=2, key_weight=w)
+    torch.testing.assert_close(a, b)
+
+
+class _FixedCentre(torch.autograd.Function):
+    """The chunked forward and chained backward with the key centre mu held fixed, as the
+    backward assumes (mu is a stop-gradient: the exact function does not depend on it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kw):
+        ctx.kw = kw
+        ctx.save_for_backward(q, k, v)
+        ctx.out = lowrank.lowrank_attention_forward(q, k, v, **kw)
+        return ctx.out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        return (*lowrank.lowrank_attention_backward(dout, q, k, v, ctx.out, **ctx.kw), None)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask", [None, "padding"])
+@pytest.mark.parametrize("degree", [1, 2])
+def test_gradcheck_lowrank_path(causal, mask, degree):
+    q, k, v, w = make_inputs(1, 4, 2, 7, 3, mask, q_scale=0.4)
+    kw = dict(scale=0.5, degree=degree, causal=causal, key_weight=w, chunk=3, center=naive.key_center(k, w))
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: _FixedCentre.apply(q, k, v, kw), inputs)
+
+
+def test_op_lowrank_mode_matches_surrogate_gradients():
+    q, k, v, w = make_inputs(1, 4, 2, 9, 4, "padding", q_scale=0.3)
+    cfg = AttentionConfig(scale=0.5, causal=True, degree=2, paths="lowrank")
+    a = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    b = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    out = guarded_attention(*a, cfg, key_weight=w)
+    ref = naive.lowrank_attention(*b, scale=0.5, degree=2, causal=True, key_weight=w)
+    dout = torch.randn_like(ref)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out, a, dout), torch.autograd.grad(ref, b, dout)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    q, k, v, _ = make_inputs(1, 2, 2, 24, 8, None, dtype=torch.float64, q_scale=0.2)
+    ref = naive.lowrank_attention(q, k, v, scale=8**-0.5, degree=2, causal=True)
+    low = [t.to(dtype) for t in (q, k, v)]
+    out = lowrank.lowrank_attention_forward(*low, scale=8**-0.5, degree=2, causal=True, chunk=8)
+    assert out.dtype == dtype
+    # the error is that of rounding the inputs and the output, not of a low-precision accumulation
+    naive_low = naive.lowrank_attention(*[t.float() for t in low], scale=8**-0.5, degree=2, causal=True).to(dtype)
+    err_fast = (out.double() - ref).abs().max()
+    err_naive = (naive_low.double() - ref).abs().max()
+    assert err_fast <= 2 * err_naive + 1e-6
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask", [None, "padding"])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["MHA", "GQA"])
+def test_exact_kernels_match_reference(causal, mask, heads):
+    q, k, v, w = make_inputs(2, heads[0], heads[1], 10, 8, mask, dtype=torch.float32)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref = naive.exact_attention(qr, kr, vr, scale=0.3, causal=causal, key_weight=None if w is None else w.double())
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    out, lse = exact_attention_forward(q, k, v, scale=0.3, causal=causal, key_weight=w)
+    grads = exact_attention_backward(dout.float(), q, k, v, out, lse, scale=0.3, causal=causal, key_weight=w)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
