@@ -62,7 +62,9 @@ def build_model(args):
 
     torch.manual_seed(args.seed)
     if args.weights:
-        model = OPTForCausalLM.from_pretrained(args.weights, attn_implementation=args.attn, dtype=torch.float32)
+        # dropout off: attention dropout in training would leave every site untouched (see README)
+        model = OPTForCausalLM.from_pretrained(args.weights, attn_implementation=args.attn, dtype=torch.float32,
+                                               dropout=0.0, attention_dropout=0.0)
     else:
         cfg = OPTConfig(
             vocab_size=1024, hidden_size=args.hidden, num_hidden_layers=args.layers, ffn_dim=4 * args.hidden,
@@ -150,15 +152,19 @@ def main(argv=None):
     skipped = [s for r in lora_pass.records() for s in r.skipped]
     for s in skipped:
         print(f"skipped {short(s.module)} ({s.family}): {s.reason}")
+    r_max = lora_pass.Options(tolerance=args.tolerance, degree=args.degree).r_max
     print(f"""
-How to read it: "last R" is the logit bound R = scale * max||q|| * max||k - mu|| of the last call;
-where R <= R_max (tolerance {args.tolerance}, degree {args.degree}) the forward and backward ran the
-low-rank path, otherwise the exact one (fused SDPA kernels). Here --bounded {args.bounded} scaled the
-q/k projections of all layers but the last so that they pass the guard. Real pretrained models
-usually have much larger attention logits (R of 10 to 100): they fail the guard and run exactly,
-at the cost of plain Inductor. The low-rank path pays off for long sequences with bounded logits;
-crossover={args.crossover} forces it to be compiled in even for this short sequence.""")
-
+How to read it: "last R" is the logit bound R = scale * max||q|| * max||k - mu|| of the last call.
+A "guarded" site runs the low-rank path (forward and backward) when R <= R_max = {r_max:.3f}
+(tolerance {args.tolerance}, degree {args.degree}; see docs/guard.md) and the exact fused SDPA
+kernels otherwise. An "exact" site was compiled as plain SDPA.""")
+    if args.bounded != 1.0:
+        print(f"""--bounded {args.bounded} scaled the q/k projections of all layers but the last, so that those
+layers pass the guard and the last one does not.""")
+    print("""Real pretrained models usually have large attention logits (R of 10 to 100): they fail the
+guard and run exactly, at the cost of plain Inductor. The low-rank path pays off only for long
+sequences (thousands of tokens) with bounded logits; this demo sets crossover=0 so that it is
+compiled in even for a short sequence.""")
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,9 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
         _SITE_MODULES[id(module)] = module
     patches = dict(compat.list_mode_options(mode)) if mode else {}
     patches.update(opts.inductor)
+    # key Inductor's FX-graph cache on this package's sources (see compat.SourceHashPass)
+    if patches.get("post_grad_custom_pre_pass") is None and record.sites:
+        patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
     return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

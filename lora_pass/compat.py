@@ -9,6 +9,46 @@ from torch._inductor import list_mode_options  # noqa: F401
 from torch._inductor.compile_fx import compile_fx  # noqa: F401
 
 
+class SourceHashPass:
+    """Factory for a no-op Inductor post-grad pass whose uuid() is the hash of this package's
+    source files, so Inductor's FX-graph cache never returns code compiled by another version
+    of the op, the patterns or the rewrite (they are traced into the graphs it caches)."""
+
+    _instance = None
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None:
+            import hashlib
+            import pathlib
+
+            from torch._inductor.custom_graph_pass import CustomGraphPass
+
+            root = pathlib.Path(__file__).resolve().parent
+            files = sorted(root.rglob("*.py"))
+            try:
+                import lora_pass.patterns as patterns
+
+                files += sorted(pathlib.Path(patterns.__file__).resolve().parent.glob("*.py"))
+            except ImportError:
+                pass
+            digest = hashlib.sha256()
+            for path in files:
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+            key = digest.hexdigest()
+
+            class _Pass(CustomGraphPass):
+                def __call__(self, graph):
+                    return None
+
+                def uuid(self):
+                    return key
+
+            cls._instance = _Pass()
+        return cls._instance
+
+
 def register_graph_buffer(gm, name: str) -> None:
     """Tell AOTAutograd where a buffer that the backend added to a Dynamo graph comes from.
 

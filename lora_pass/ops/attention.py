@@ -68,15 +68,19 @@ def _(stats, bound, lowrank):
 
 
 @torch.library.custom_op("lora_pass::record_backward", mutates_args={"stats"})
-def record_backward(stats: torch.Tensor, lowrank: torch.Tensor) -> None:
-    """Count one backward call on the path the forward took."""
+def record_backward(stats: torch.Tensor, lowrank: torch.Tensor, grad: torch.Tensor) -> None:
+    """Count one backward call on the path the forward took.
+
+    `grad` (the incoming gradient) is not read: depending on it keeps the partitioner from
+    hoisting the counter into the forward graph when `lowrank` is known there.
+    """
     took = lowrank.to(stats.dtype)
     stats[2] += took
     stats[3] += 1 - took
 
 
 @record_backward.register_fake
-def _(stats, lowrank):
+def _(stats, lowrank, grad):
     return None
 
 
@@ -147,7 +151,7 @@ class GuardedAttention(torch.autograd.Function):
         else:
             dq, dk, dv = compat.cond(pred, lowrank_bwd, exact_bwd, args)
         if ctx.stats is not None:
-            record_backward(ctx.stats, pred)
+            record_backward(ctx.stats, pred, dout)
         return dq, dk, dv, None, None, None
 
 
