@@ -156,15 +156,17 @@ def main(argv=None):
     print(f"""
 How to read it: "last R" is the logit bound R = scale * max||q|| * max||k - mu|| of the last call.
 A "guarded" site runs the low-rank path (forward and backward) when R <= R_max = {r_max:.3f}
-(tolerance {args.tolerance}, degree {args.degree}; see docs/guard.md) and the exact fused SDPA
-kernels otherwise. An "exact" site was compiled as plain SDPA.""")
+(tolerance {args.tolerance}, degree {args.degree}; see docs/guard.md), and the exact fused SDPA
+kernels otherwise. An "exact" site was compiled as plain SDPA (only its forwards are counted).""")
     if args.bounded != 1.0:
         print(f"""--bounded {args.bounded} scaled the q/k projections of all layers but the last, so that those
 layers pass the guard and the last one does not.""")
     print("""Real pretrained models usually have large attention logits (R of 10 to 100): they fail the
 guard and run exactly, at the cost of plain Inductor. The low-rank path pays off only for long
-sequences (thousands of tokens) with bounded logits; this demo sets crossover=0 so that it is
-compiled in even for a short sequence.""")
+sequences (thousands of tokens) with bounded logits.""")
+    if args.crossover == 0:
+        print("This demo sets crossover=0 so that the guarded path is compiled in even for a short sequence.")
+
 
 if __name__ == "__main__":
     main()

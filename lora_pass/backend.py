@@ -40,4 +40,4 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
-compat.register_backend(compiler_fn=lowrank_lora, name="lowrank_lora")
+compat.register_backend_once(lowrank_lora, "lowrank_lora")

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from torch._dynamo import register_backend  # noqa: F401
 from torch._inductor import list_mode_options  # noqa: F401
 from torch._inductor.compile_fx import compile_fx  # noqa: F401
+
+
+def register_backend_once(compiler_fn, name: str) -> None:
+    """Register a backend unless Dynamo already has it or will load it from its entry point.
+
+    Loading the `torch_dynamo_backends` entry point imports this package, and Dynamo registers
+    the loaded function itself right after; registering here too would be a duplicate.
+    """
+    from torch._dynamo.backends import registry
+
+    if name in registry._COMPILER_FNS or registry._BACKENDS.get(name) is not None:
+        return
+    registry.register_backend(compiler_fn=compiler_fn, name=name)
 
 
 class SourceHashPass:

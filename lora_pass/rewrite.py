@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import warnings
@@ -169,7 +170,10 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, 
     qv = matcher.meta_value(cand.q)
     config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths)
     module = AttentionSite(config, mask_kind, site.heads != site.kv_heads, qv.device, opts.telemetry)
-    name = f"lowrank_lora_site_{site.index}"
+    # The compiled-graph caches key on the graph's code, not on this module's attributes:
+    # naming the submodule after its configuration keeps two configurations apart.
+    digest = hashlib.sha256(repr((config, mask_kind, opts.telemetry)).encode()).hexdigest()[:10]
+    name = f"lowrank_lora_site_{site.index}_{digest}"
     while hasattr(gm, name):
         name += "_"
     gm.add_submodule(name, module)

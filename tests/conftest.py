@@ -9,7 +9,7 @@ import torch
 
 
 def tiny_opt(attn="sdpa", targets=("q_proj", "v_proj"), layers=2, hidden=32, heads=2, seq=64,
-             bounded=None, seed=0, lora_dropout=0.0, attention_dropout=0.0):
+             bounded=None, seed=0, lora_dropout=0.0, attention_dropout=0.0, lora=True):
     """A 2-layer OPT from its config with PEFT LoRA (B initialised non-zero so every LoRA
     parameter gets a gradient). `bounded`: per-layer factors applied to the q/k base weights,
     small factors put a layer into the bounded-logit regime."""
@@ -27,6 +27,8 @@ def tiny_opt(attn="sdpa", targets=("q_proj", "v_proj"), layers=2, hidden=32, hea
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                     proj.weight.mul_(factor)
                     proj.bias.mul_(factor)
+    if not lora:
+        return model
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
                                              lora_dropout=lora_dropout))
     with torch.no_grad():

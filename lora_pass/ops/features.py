@@ -61,7 +61,7 @@ def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: in
     """J_Phi(x)^T grad: [..., d], [..., k] -> [..., d], without a [..., k, d] Jacobian.
 
     For a monomial w * x_{i1} ... x_{ij}, the derivative along position p is w times the
-    product of the other factors; those contributions are scattered back onto x_{ip}.
+    product of the other factors; those contributions are summed back onto x_{ip}.
     """
     dx = torch.zeros_like(x)
     offset = 1  # feature 0 is the constant 1
@@ -78,5 +78,8 @@ def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: in
             for q in range(j):
                 if q != p:
                     others = others * factors[q]
-            dx = dx.index_add(-1, idx[:, p], others)
+            # scatter back onto x_{i_p} as a product with a one-hot [k_j, d] matrix: a GEMM
+            # instead of an atomic scatter-add, deterministic on every backend
+            onehot = torch.nn.functional.one_hot(idx[:, p], x.shape[-1]).to(x.dtype)
+            dx = dx + others @ onehot
     return dx
