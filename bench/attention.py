@@ -4,12 +4,13 @@ Times forward + backward of
 
 * exact:   `torch.nn.functional.scaled_dot_product_attention`, compiled by Inductor;
 * lowrank: `guarded_attention(..., AttentionConfig(paths="lowrank", degree=2))`, compiled by Inductor;
-* guard:   `norm_bound` alone (forward only; the backward reuses the saved predicate),
+* guard:   `norm_bound` alone, compiled (forward only: the backward reuses the saved predicate),
 
 for d = 64, causal and non-causal, over a range of sequence lengths, and derives the crossover
 length (smallest L from which the low-rank path is faster) that `lora_pass.guard.CROSSOVER_D64_G2`
 is set from. Every (mode, causal, L) runs in a fresh subprocess with its own Inductor cache, so
-compile times are cold and peak memory is not polluted by other configurations.
+compile times are cold and peak memory is not polluted by other configurations (the guard is
+timed in the exact run's process).
 
     python bench/attention.py                      # L = 1,024 .. 32,768, causal and non-causal
     python bench/attention.py --quick              # L in {256, 512}, one repeat: a smoke test
@@ -46,7 +47,8 @@ DEGREE = 2
 TOLERANCE = 0.05  # the backend's default; only used to report R_max next to the measured R
 DEFAULT_LENGTHS = [1024 * 2**i for i in range(6)]  # 1,024 .. 32,768
 QUICK_LENGTHS = [256, 512]
-MODES = ("exact", "lowrank", "guard")
+MODES = ("exact", "lowrank")
+MIN_SAMPLE_S = 0.1  # a timing sample repeats short calls up to this long
 RESULT_TAG = "@@result@@"  # marks the worker's JSON line on stdout
 
 # Targets the low-rank path is meant to meet (checked and reported, never enforced).
@@ -115,13 +117,15 @@ def _median_time(fn, repeats: int, sync, min_sample_s: float = 0.0, max_other: f
     """Median seconds per call over `repeats` samples taken while the machine was otherwise quiet.
 
     A sample loops until min_sample_s. A sample during which other processes kept more than
-    `max_other` cores busy is set aside and taken again (up to 10 x repeats tries): with OpenMP
-    threads competing for cores a call can take several times longer.
+    `max_other` cores busy is set aside and taken again (while the retries cost less than
+    2 x repeats samples or 30 s): with OpenMP threads competing for cores a call can take
+    several times longer.
     """
     tick = 1 / os.sysconf("SC_CLK_TCK")
     clean, dirty, other_total, clean_time = [], [], 0.0, 0.0
-    for _ in range(10 * repeats):
-        if len(clean) >= repeats:
+    retry_budget, retried = None, 0.0
+    while len(clean) < repeats and len(dirty) < 10 * repeats:
+        if retry_budget is not None and retried > retry_budget:
             break
         busy0, own0 = _cpu_seconds()
         calls, start = 0, time.perf_counter()
@@ -139,7 +143,10 @@ def _median_time(fn, repeats: int, sync, min_sample_s: float = 0.0, max_other: f
             other_total, clean_time = other_total + other, clean_time + elapsed
         else:
             dirty.append(elapsed / calls)
+            retried += elapsed + 1.0
             time.sleep(1.0)
+        if retry_budget is None:
+            retry_budget = max(30.0, 2 * repeats * elapsed)
     samples = clean or dirty
     return {
         "time_s": statistics.median(samples),
@@ -150,7 +157,38 @@ def _median_time(fn, repeats: int, sync, min_sample_s: float = 0.0, max_other: f
     }
 
 
+def _peak_step_memory(step, sync, cuda, device, base_rss) -> tuple[float, str]:
+    """MiB that one more step needs above what is live before it, and how it was measured."""
+    import torch
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "torch.cuda.max_memory_allocated"
+    _release_freed_memory()
+    before = _rss_mb("VmRSS")
+    if _reset_peak_rss():
+        step()
+        return _rss_mb("VmHWM") - before, "VmHWM growth over one step (reset by clear_refs, mmap threshold 64 KiB)"
+    step()  # no reset: the high-water mark of the whole process, compile included
+    return _rss_mb("VmHWM") - base_rss, "VmHWM growth since the inputs were made (compile included)"
+
+
+def _compile_and_time(step, spec, sync, min_sample_s) -> dict:
+    start = time.perf_counter()
+    step()  # compiles the forward and, on the first backward, the backward
+    sync()
+    compile_s = time.perf_counter() - start
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    return {"compile_s": compile_s, **_median_time(step, spec["repeats"], sync, min_sample_s)}
+
+
 def run_worker(spec: dict) -> dict:
+    """One (mode, causal, L): compile, time and measure; the exact worker also times the guard."""
     import torch
     import torch.nn.functional as F
 
@@ -167,7 +205,7 @@ def run_worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    # small logits so that the guard would pass: R = scale * max||q|| * max||k - mu|| ~ 0.15
+    # small logits so that the guard passes: R = scale * max||q|| * max||k - mu|| ~ 0.15
     gen = torch.Generator().manual_seed(spec["seed"])
     shape = (spec["batch"], spec["heads"], length, HEAD_DIM)
 
@@ -178,70 +216,40 @@ def run_worker(spec: dict) -> dict:
     for t in (q, k, v):
         t.requires_grad_()
     sync()
-    bound = float(norm_bound(q.detach(), k.detach(), scale=scale))
     base_rss = _rss_mb("VmRSS")
-    result = {
-        "mode": mode, "causal": causal, "length": length,
-        "bound": bound, "r_max": r_max(DEGREE, TOLERANCE),
-        "threads": torch.get_num_threads(),
-    }
 
-    if mode == "guard":
-        fn = torch.compile(lambda a, b: norm_bound(a, b, scale=scale), backend="inductor", fullgraph=True)
-        qd, kd = q.detach(), k.detach()
-        step = lambda: fn(qd, kd)  # noqa: E731
+    if mode == "exact":
+        def attention(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
     else:
-        if mode == "exact":
-            def attention(a, b, c):
-                return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
-        else:
-            cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE), paths="lowrank")
+        cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE), paths="lowrank")
 
-            # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the same route as
-            # the op the backend inserts into a Dynamo graph.
-            @torch.compiler.allow_in_graph
-            def attention(a, b, c):
-                return guarded_attention(a, b, c, cfg)
+        # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the same route as
+        # the op the backend inserts into a Dynamo graph.
+        @torch.compiler.allow_in_graph
+        def attention(a, b, c):
+            return guarded_attention(a, b, c, cfg)
 
-        def model(a, b, c):
-            return attention(a, b, c)
+    def model(a, b, c):
+        return attention(a, b, c)
 
-        fn = torch.compile(model, backend="inductor", fullgraph=True)
+    fn = torch.compile(model, backend="inductor", fullgraph=True)
 
-        def step():
-            out = fn(q, k, v)
-            return torch.autograd.grad(out, (q, k, v), dout)
+    def step():
+        return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
-    start = time.perf_counter()
-    step()  # compiles the forward and, on the first backward, the backward
-    sync()
-    result["compile_s"] = time.perf_counter() - start
-    result["compile_peak_rss_mb"] = _rss_mb("VmHWM") - base_rss  # includes the compiler itself
-    for _ in range(spec["warmup"]):
-        step()
-    sync()
-    min_sample = 0.05 if mode == "guard" else 0.0  # the guard is too short to time one call
-    result.update(_median_time(step, spec["repeats"], sync, min_sample))
+    result = {"mode": mode, "causal": causal, "length": length, "threads": torch.get_num_threads()}
+    result.update(_compile_and_time(step, spec, sync, MIN_SAMPLE_S))
+    result["compile_peak_rss_mb"] = _rss_mb("VmHWM") - base_rss  # the compiler's own memory
+    result["peak_mem_mb"], result["mem_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
 
-    if mode != "guard":  # peak memory of one more step, above what is live before it
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step()
-            sync()
-            result["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            result["mem_method"] = "torch.cuda.max_memory_allocated"
-        else:
-            _release_freed_memory()
-            before = _rss_mb("VmRSS")
-            if _reset_peak_rss():
-                step()
-                result["peak_mem_mb"] = _rss_mb("VmHWM") - before
-                result["mem_method"] = "VmHWM growth over one step (clear_refs reset, mmap threshold 64 KiB)"
-            else:  # no reset: the high-water mark of the whole process, compile included
-                step()
-                result["peak_mem_mb"] = _rss_mb("VmHWM") - base_rss
-                result["mem_method"] = "VmHWM growth since inputs (compile included)"
+    if mode == "exact":  # the guard, as the op computes it once per forward
+        guard = torch.compile(lambda a, b: norm_bound(a, b, scale=scale), backend="inductor", fullgraph=True)
+        qd, kd = q.detach(), k.detach()
+        timed = _compile_and_time(lambda: guard(qd, kd), spec, sync, MIN_SAMPLE_S)
+        result["guard"] = timed
+        result["bound"] = float(guard(qd, kd))
+        result["r_max"] = r_max(DEGREE, TOLERANCE)
     return result
 
 
@@ -273,7 +281,7 @@ def machine_slug(device: str) -> str:
 def wait_until_idle(max_wait: float, threshold: float = 0.25) -> float:
     """Wait (at most max_wait s) until other processes use under `threshold` cores; the wait."""
     start = time.perf_counter()
-    while time.perf_counter() - start < max_wait and _machine_busy(1.0) >= threshold:
+    while time.perf_counter() - start < max_wait and _machine_busy(0.5) >= threshold:
         pass
     return time.perf_counter() - start
 
@@ -305,13 +313,15 @@ def _key(spec):
 
 
 def summarise(runs: list[dict], lengths, causals) -> list[dict]:
-    """One row per (causal, L) joining the three modes."""
+    """One row per (causal, L) joining the exact run (with its guard timing) and the lowrank run."""
     by_key = {(r["mode"], r["causal"], r["length"]): r for r in runs}
     rows = []
     for causal in causals:
         for length in lengths:
-            ex, lr, gd = (by_key.get((m, causal, length), {}) for m in MODES)
+            ex, lr = (by_key.get((m, causal, length), {}) for m in MODES)
+            gd = ex.get("guard", {})
             t_ex, t_lr, t_gd = ex.get("time_s"), lr.get("time_s"), gd.get("time_s")
+            timed = (ex, lr, gd)
             rows.append({
                 "causal": causal,
                 "length": length,
@@ -324,10 +334,10 @@ def summarise(runs: list[dict], lengths, causals) -> list[dict]:
                 "lowrank_peak_mb": lr.get("peak_mem_mb"),
                 "exact_compile_s": ex.get("compile_s"),
                 "lowrank_compile_s": lr.get("compile_s"),
-                "bound": lr.get("bound", ex.get("bound")),
-                "other_load": max((r.get("other_load") or 0.0 for r in (ex, lr, gd)), default=0.0),
-                "contended": any(r.get("contended") for r in (ex, lr, gd)),
-                "errors": {m: r["error"] for m, r in zip(MODES, (ex, lr, gd)) if "error" in r},
+                "bound": ex.get("bound"),
+                "other_load": max(r.get("other_load") or 0.0 for r in timed),
+                "contended": any(r.get("contended") for r in timed),
+                "errors": {m: r["error"] for m, r in zip(MODES, (ex, lr)) if "error" in r},
             })
     return rows
 
@@ -448,7 +458,7 @@ def write_markdown(path, report, rows):
         "`scaled_dot_product_attention` compiled by Inductor; lowrank is the op with `paths=\"lowrank\"`.",
         "Peak memory is the growth of resident memory (CPU) or of allocated memory (CUDA) over one",
         "compiled step, above what is live before it (inputs, compiled code). Compile time is the first",
-        "forward + backward call with an empty Inductor cache. The machine may be shared: a timing sample",
+        f"forward + backward call with {'a warm' if report['settings']['warm_cache'] else 'an empty'} Inductor cache. The machine may be shared: a timing sample",
         "during which other processes kept more than 0.25 cores busy is discarded and taken again;",
         "`other load` is the cores they used during the samples kept (`contended` rows had none clean).",
         "",
@@ -487,7 +497,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--qk-std", type=float, default=0.1, help="std of q and k entries (sets R)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="L in {256, 512}, 1 repeat, no warm-up")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: L in {256, 512}, 1 repeat, no warm-up, reuses the Inductor cache")
     p.add_argument("--warm-cache", action="store_true", help="reuse the Inductor cache (compile times not cold)")
     p.add_argument("--wait-idle", type=float, default=60,
                    help="before each configuration, wait up to this many seconds for other processes to go idle")
@@ -501,6 +512,7 @@ def parse_args(argv=None):
         args.repeats = 1 if args.quick else 5
     if args.warmup is None:
         args.warmup = 0 if args.quick else 1
+    args.warm_cache = args.warm_cache or args.quick
     return args
 
 

@@ -1,0 +1,59 @@
+"""Models built from their published architecture configs (random weights), with PEFT LoRA.
+
+No download: `opt_config` spells out OPT's architecture; `--weights PATH` style loading goes
+through `from_pretrained(PATH)` on a local directory.
+"""
+
+from __future__ import annotations
+
+# Published OPT architectures (facebook/opt-*): hidden size, layers, heads, FFN, projection dim.
+OPT_ARCHS = {
+    "opt-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, vocab_size=512),
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, word_embed_proj_dim=768),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096, word_embed_proj_dim=512,
+                     do_layer_norm_before=False),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, word_embed_proj_dim=2048),
+}
+
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+
+
+def opt_config(name: str, *, attn: str = "sdpa", max_positions: int | None = None, **overrides):
+    """OPTConfig of a published OPT size; `max_positions` extends the position table."""
+    from transformers import OPTConfig
+
+    if name not in OPT_ARCHS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(OPT_ARCHS)}")
+    kwargs = dict(OPT_ARCHS[name])
+    kwargs.setdefault("vocab_size", 50272)
+    kwargs.update(max_position_embeddings=max_positions or 2048, dropout=0.0, attention_dropout=0.0,
+                  attn_implementation=attn)
+    kwargs.update(overrides)
+    return OPTConfig(**kwargs)
+
+
+def parse_lora_targets(spec: str) -> list[str]:
+    """'q,v' -> ['q_proj', 'v_proj']; ValueError naming what is allowed."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in LORA_TARGETS]
+    if not names or bad:
+        raise ValueError(f"LoRA targets must be a comma-separated subset of {sorted(LORA_TARGETS)}, got {spec!r}")
+    return [LORA_TARGETS[n] for n in names]
+
+
+def build_opt_lora(name: str = "opt-125m", *, lora: str = "q,v", r: int = 8, alpha: int = 16, attn: str = "sdpa",
+                   max_positions: int | None = None, weights: str | None = None, seed: int = 0, dtype=None):
+    """OPTForCausalLM (random weights, or `weights` from a local directory) with PEFT LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(seed)
+    if weights:
+        model = OPTForCausalLM.from_pretrained(weights, attn_implementation=attn, dropout=0.0, attention_dropout=0.0)
+    else:
+        model = OPTForCausalLM(opt_config(name, attn=attn, max_positions=max_positions))
+    if dtype is not None:
+        model = model.to(dtype)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=parse_lora_targets(lora), lora_dropout=0.0)
+    return get_peft_model(model, config)
