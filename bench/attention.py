@@ -113,14 +113,18 @@ def _machine_busy(seconds: float = 1.0) -> float:
     return max(0.0, (b1 - b0) - (s1 - s0)) / seconds
 
 
-def _median_time(fn, repeats: int, sync, min_sample_s: float = 0.0, max_other: float = 0.25) -> dict:
-    """Median seconds per call over `repeats` samples taken while the machine was otherwise quiet.
+def _median_time(fn, repeats: int, sync, min_sample_s: float, clock: str, max_other: float = 0.25) -> dict:
+    """Median seconds per call over `repeats` samples.
 
-    A sample loops until min_sample_s. A sample during which other processes kept more than
-    `max_other` cores busy is set aside and taken again (while the retries cost less than
-    2 x repeats samples or 30 s): with OpenMP threads competing for cores a call can take
-    several times longer.
+    A sample loops until min_sample_s. With the wall clock, a sample during which other
+    processes kept more than `max_other` cores busy is set aside and taken again (while the
+    retries cost less than 2 x repeats samples or 30 s): with OpenMP threads competing for cores
+    a call can take several times longer. The CPU clock (this process's CPU time, meant for one
+    thread) needs no retries: time slices given to other processes do not count.
     """
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    if clock == "cpu":
+        max_other = math.inf
     tick = 1 / os.sysconf("SC_CLK_TCK")
     clean, dirty, other_total, clean_time = [], [], 0.0, 0.0
     retry_budget, retried = None, 0.0
@@ -128,19 +132,20 @@ def _median_time(fn, repeats: int, sync, min_sample_s: float = 0.0, max_other: f
         if retry_budget is not None and retried > retry_budget:
             break
         busy0, own0 = _cpu_seconds()
-        calls, start = 0, time.perf_counter()
+        calls, start, wall_start = 0, now(), time.perf_counter()
         while True:
             fn()
             calls += 1
             sync()
-            elapsed = time.perf_counter() - start
+            elapsed = now() - start
             if elapsed >= min_sample_s:
                 break
+        wall = time.perf_counter() - wall_start
         busy1, own1 = _cpu_seconds()
         other = max(0.0, (busy1 - busy0) - (own1 - own0))
-        if other <= max_other * elapsed + 2 * tick:  # two ticks: /proc/stat resolution
+        if other <= max_other * wall + 2 * tick:  # two ticks: /proc/stat resolution
             clean.append(elapsed / calls)
-            other_total, clean_time = other_total + other, clean_time + elapsed
+            other_total, clean_time = other_total + other, clean_time + wall
         else:
             dirty.append(elapsed / calls)
             retried += elapsed + 1.0
@@ -184,7 +189,7 @@ def _compile_and_time(step, spec, sync, min_sample_s) -> dict:
     for _ in range(spec["warmup"]):
         step()
     sync()
-    return {"compile_s": compile_s, **_median_time(step, spec["repeats"], sync, min_sample_s)}
+    return {"compile_s": compile_s, **_median_time(step, spec["repeats"], sync, min_sample_s, spec["clock"])}
 
 
 def run_worker(spec: dict) -> dict:
@@ -195,6 +200,8 @@ def run_worker(spec: dict) -> dict:
     from lora_pass.guard import norm_bound, r_max
     from lora_pass.ops.attention import AttentionConfig, guarded_attention
 
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     causal, length, mode = spec["causal"], spec["length"], spec["mode"]
@@ -289,6 +296,8 @@ def wait_until_idle(max_wait: float, threshold: float = 0.25) -> float:
 def launch(spec: dict, timeout: float, warm_cache: bool) -> dict:
     """Run one configuration in a fresh interpreter; on failure return the error instead."""
     env = dict(os.environ)
+    if spec["threads"]:  # also for the OpenMP loops of Inductor's C++ kernels
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="lora_pass_bench_") as cache:
         if not warm_cache:
@@ -454,7 +463,8 @@ def write_markdown(path, report, rows):
         f"after {report['settings']['warmup']} warm-up call(s)",
         f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}; measured R in the table",
         "",
-        "Times are forward + backward (guard: forward only, it runs once per forward). Exact is",
+        f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
+        "are forward + backward (guard: forward only, it runs once per forward). Exact is",
         "`scaled_dot_product_attention` compiled by Inductor; lowrank is the op with `paths=\"lowrank\"`.",
         "Peak memory is the growth of resident memory (CPU) or of allocated memory (CUDA) over one",
         "compiled step, above what is live before it (inputs, compiled code). Compile time is the first",
@@ -495,6 +505,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time, robust on a shared machine; use with --threads 1")
     p.add_argument("--qk-std", type=float, default=0.1, help="std of q and k entries (sets R)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -534,14 +547,14 @@ def main(argv=None):
     specs = [
         {"mode": mode, "causal": causal, "length": length, "device": device, "dtype": args.dtype,
          "batch": args.batch, "heads": args.heads, "repeats": args.repeats, "warmup": args.warmup,
-         "qk_std": args.qk_std, "seed": args.seed}
+         "qk_std": args.qk_std, "seed": args.seed, "threads": args.threads, "clock": args.clock}
         for causal in causals for length in lengths for mode in MODES
     ]
     runs = []
     bar = tqdm(specs, unit="config")
     for spec in bar:
         bar.set_description(f"{spec['mode']:>7} causal={spec['causal']!s:<5} L={spec['length']}")
-        waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
+        waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
         run = {**launch(spec, args.timeout, args.warm_cache), "waited_for_idle_s": waited}
         if "error" in run:
             tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
@@ -558,7 +571,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "device": device,
         "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
+        "threads": next((r["threads"] for r in runs if "threads" in r), None),
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "r_max": r_max(DEGREE, TOLERANCE),
         "crossover": cross,

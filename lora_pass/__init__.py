@@ -3,17 +3,20 @@
     import lora_pass  # optional: the backend is also found through its entry point
     compiled = torch.compile(model, backend="lowrank_lora", options={"tolerance": 0.05})
 
-Public API: `lowrank_lora` (the backend), `Options`, `records()`, `sites()`, `telemetry()`,
+Public API: `lowrank_lora` (the backend), `inspect` and its `Report`, `Options`, `records()`,
+`sites()`, `telemetry()`,
 `guarded_attention` and `AttentionConfig` (the op).
 """
 
 from __future__ import annotations
 
+from . import compat
 from .backend import lowrank_lora
 from .ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention
 from .options import Options
+from .report import Report, inspect
 
-__all__ = ["lowrank_lora", "Options", "AttentionConfig", "guarded_attention", "records", "sites", "telemetry", "reset"]
+__all__ = ["lowrank_lora", "inspect", "Report", "Options", "AttentionConfig", "guarded_attention", "records", "sites", "telemetry", "reset"]
 
 
 def records():

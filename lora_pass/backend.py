@@ -13,6 +13,8 @@ from .rewrite import AttentionSite, GraphRecord, rewrite_graph
 #: One GraphRecord per graph compiled by this process, oldest first (see `lora_pass.records()`).
 _RECORDS: list[GraphRecord] = []
 _SITE_MODULES: "weakref.WeakValueDictionary[int, AttentionSite]" = weakref.WeakValueDictionary()
+#: Set by lora_pass.inspect: also capture the AOT graphs before and after the rewrite.
+_CAPTURE: list = []
 
 
 def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **unused):
@@ -26,6 +28,8 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     if unused:
         raise ValueError(f"lowrank_lora: unexpected arguments {sorted(unused)}; pass settings through options={{...}}")
     opts = Options.parse(options)
+    capture = bool(_CAPTURE)
+    before = _copy_graph(gm) if capture else None
     record = rewrite_graph(gm, opts)
     _RECORDS.append(record)
     for site in record.sites:
@@ -37,7 +41,37 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     # key Inductor's FX-graph cache on this package's sources (see compat.SourceHashPass)
     if patches.get("post_grad_custom_pre_pass") is None and record.sites:
         patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
-    return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+    if not capture:
+        return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+    return _compile_capturing(gm, before, example_inputs, record, patches)
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph (node metadata shared) on the same module, for tracing before the rewrite."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def _compile_capturing(gm, before, example_inputs, record, patches):
+    """compile_fx, recording the forward and backward graphs before and after the rewrite."""
+    from .report import region_graph
+
+    record.aot_before = compat.aot_trace_graphs(before, example_inputs) if record.sites else {}
+    record.aot_after = {}
+    record.regions = [region_graph(gm, site) for site in record.sites]
+    inner = compat.compile_fx_inner()
+
+    def recording_inner(graph, inputs, **kwargs):
+        name = "backward" if kwargs.get("is_backward") else "forward"
+        record.aot_after[name] = graph.print_readable(print_output=False)
+        return inner(graph, inputs, **kwargs)
+
+    with compat.force_eager_backward_compile():
+        compiled = compat.compile_fx(gm, example_inputs, inner_compile=recording_inner, config_patches=patches or None)
+    if not record.sites:
+        record.aot_before = dict(record.aot_after)
+    return compiled
 
 
 compat.register_backend_once(lowrank_lora, "lowrank_lora")

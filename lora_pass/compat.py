@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from torch._inductor import list_mode_options  # noqa: F401
-from torch._inductor.compile_fx import compile_fx  # noqa: F401
+from torch._inductor import list_mode_options  # noqa: F401  (re-exported)
+from torch._inductor.compile_fx import compile_fx  # noqa: F401  (re-exported)
 
 
 def register_backend_once(compiler_fn, name: str) -> None:
@@ -116,3 +116,60 @@ def _pin_cond_operand_strides():
 
 
 _pin_cond_operand_strides()
+
+
+def register_torch_logs() -> None:
+    """TORCH_LOGS="lowrank_lora" (decisions) and TORCH_LOGS="lowrank_lora_graphs" (rewritten graphs)."""
+    import os
+
+    from torch._logging import _internal
+
+    if "lowrank_lora" in _internal.log_registry.log_alias_to_log_qnames:
+        return
+    _internal.register_log("lowrank_lora", ["lora_pass"])
+    _internal.register_artifact(
+        "lowrank_lora_graphs", "Dynamo graphs before and after the lowrank_lora rewrite", visible=True,
+        off_by_default=True,
+    )
+    if os.environ.get("TORCH_LOGS"):
+        _internal._init_logs()  # TORCH_LOGS was parsed at torch import, before these names existed
+
+
+def artifact_logger(module_name: str, artifact: str):
+    from torch._logging import getArtifactLogger
+
+    return getArtifactLogger(module_name, artifact)
+
+
+def force_eager_backward_compile():
+    """AOTAutograd compiles the backward graph at compile time instead of at the first backward."""
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
+def aot_trace_graphs(gm, example_inputs):
+    """The forward and backward AOTAutograd graphs of `gm`, as code, without Inductor."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    graphs = {}
+
+    def recorder(name):
+        def compiler(graph, inputs):
+            graphs[name] = graph.print_readable(print_output=False)
+            return make_boxed_func(graph.forward)
+
+        return compiler
+
+    with force_eager_backward_compile():
+        aot_module_simplified(gm, example_inputs, fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    return graphs
+
+
+def compile_fx_inner():
+    from torch._inductor.compile_fx import compile_fx_inner as inner
+
+    return inner
+
+
+register_torch_logs()

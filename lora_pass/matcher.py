@@ -37,13 +37,19 @@ class Candidate:
 
 @dataclasses.dataclass
 class Projection:
-    """How one of q, k, v was produced."""
+    """How one of q, k, v was produced: x -> [base linear (+ LoRA update)] -> * post_scale."""
 
     adapted: bool
     rank: int | None = None
     scaling: float | None = None
     lora_dropout: float = 0.0
     module: str | None = None
+    post_scale: float = 1.0  # scalar factors applied after the projection (OPT's query scaling)
+    # graph nodes of x, the frozen weight and bias, lora_A and lora_B weights (for telemetry)
+    nodes: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "nodes"}
 
 
 @dataclasses.dataclass
@@ -68,6 +74,11 @@ class Site:
     paths: str  # "guarded", "lowrank", "exact"
     decision: str  # why these paths were compiled in
     submodule: str = ""
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "projections"}
+        out["projections"] = {name: p.to_dict() for name, p in self.projections.items()}
+        return out
 
 
 @dataclasses.dataclass
@@ -125,19 +136,32 @@ def scalar(x):
 
 def trace_projection(node: fx.Node) -> Projection:
     """Walk back through shape-only ops and scalar rescaling to the projection."""
-    seen = 0
+    seen, post_scale = 0, 1.0
     while isinstance(node, fx.Node) and seen < 32:
         seen += 1
         if is_method(node, SHAPE_METHODS) or is_call(node, SHAPE_FUNCTIONS):
             node = node.args[0]
         elif is_call(node, {operator.mul, operator.truediv, torch.mul}) and scalar(node.args[1]) is not None:
+            factor = float(node.args[1])
+            post_scale *= factor if node.target is not operator.truediv else 1.0 / factor
             node = node.args[0]
         elif is_call(node, {operator.mul, torch.mul}) and scalar(node.args[0]) is not None:
+            post_scale *= float(node.args[0])
             node = node.args[1]
         else:
             break
-    lora = _peft_lora(node)
-    return lora if lora is not None else Projection(adapted=False)
+    proj = _peft_lora(node)
+    if proj is None:
+        proj = Projection(adapted=False)
+        if is_call(node, LINEAR):
+            proj.nodes = _linear_nodes(node)
+            proj.module = re.sub(r"\.base_layer$", "", module_path(node))
+    proj.post_scale = post_scale
+    return proj
+
+
+def _linear_nodes(linear: fx.Node) -> dict:
+    return {"x": linear.args[0], "weight": linear.args[1], "bias": arg(linear, 2, "bias")}
 
 
 def _peft_lora(node) -> Projection | None:
@@ -167,7 +191,8 @@ def _peft_lora(node) -> Projection | None:
             continue
         a_weight = meta_value(lora_a.args[1])
         rank = int(a_weight.shape[0]) if a_weight is not None else None
-        return Projection(True, rank, scaling, dropout, _lora_owner(lora_a))
+        nodes = {**_linear_nodes(base), "lora_a": lora_a.args[1], "lora_b": update.args[1]}
+        return Projection(True, rank, scaling, dropout, _lora_owner(lora_a), nodes=nodes)
     return None
 
 

@@ -5,44 +5,68 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import warnings
 
 import torch
 import torch.fx as fx
 
 from . import compat, guard, matcher
-from .ops.attention import AttentionConfig, guarded_attention, new_stats, record_forward
+from .guard import norm_bound
+from .ops.attention import AttentionConfig, guarded_attention, new_stats, record_forward, record_norms
 from .ops.features import feature_rank
 from .options import Options
 from .patterns import FAMILIES
 
 log = logging.getLogger("lora_pass")
+graph_log = compat.artifact_logger(__name__, "lowrank_lora_graphs")
 
 
 class AttentionSite(torch.nn.Module):
     """Submodule called by a rewritten graph: key weights from the mask, then the op.
 
     With `paths == "exact"` the site keeps plain SDPA, so Inductor lowers it exactly as it
-    would without the backend; only the telemetry counter is added.
+    would without the backend; with telemetry on, the bound R and the counters are added.
+    `norm_inputs` (telemetry only): x, W0, b, lora_A, lora_B of the q and k projections.
     """
 
-    def __init__(self, config: AttentionConfig, mask_kind: str, gqa: bool, device, telemetry: bool):
+    def __init__(self, config: AttentionConfig, mask_kind: str, gqa: bool, device, telemetry: bool,
+                 lora_scaling=(None, None), post_scale=(1.0, 1.0)):
         super().__init__()
         self.config, self.mask_kind, self.gqa = config, mask_kind, gqa
+        self.lora_scaling, self.post_scale = lora_scaling, post_scale
         self.register_buffer("stats", new_stats(device) if telemetry else None, persistent=False)
 
-    def forward(self, q, k, v, mask=None):
+    def forward(self, q, k, v, mask=None, *norm_inputs):
         cfg = self.config
-        if cfg.paths == "exact":
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=cfg.causal, scale=cfg.scale, enable_gqa=self.gqa
-            )
-            if self.stats is not None:
-                off = torch.zeros((), dtype=torch.bool, device=q.device)
-                record_forward(self.stats, torch.full((), math.nan, device=q.device), off)
-            return out
-        return guarded_attention(q, k, v, cfg, self.stats, key_weight=_key_weight(mask, k))
+        key_weight = _key_weight(mask, k) if self.mask_kind == "padding" else None
+        if self.stats is not None and norm_inputs:
+            record_norms(self.stats, self._composed_norms(*norm_inputs))
+        if cfg.paths != "exact":
+            return guarded_attention(q, k, v, cfg, self.stats, key_weight=key_weight)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=cfg.causal, scale=cfg.scale, enable_gqa=self.gqa
+        )
+        if self.stats is not None:
+            bound = norm_bound(q.detach(), k.detach(), scale=cfg.scale, key_weight=key_weight)
+            record_forward(self.stats, bound, torch.zeros((), dtype=torch.bool, device=q.device))
+        return out
+
+    def _composed_norms(self, xq, wq, bq, aq, bbq, xk, wk, bk, ak, bbk):
+        """[input_norm, frozen_norm, lora_norm, composed_bound, lora_share] (see STATS_FIELDS)."""
+        sides = []
+        for x, w, b, a, bb, s in ((xq, wq, bq, aq, bbq, self.lora_scaling[0]), (xk, wk, bk, ak, bbk, self.lora_scaling[1])):
+            x, w = x.detach().float(), w.detach().float()
+            xn = torch.linalg.vector_norm(x, dim=-1).amax()
+            wn = torch.linalg.matrix_norm(w)
+            un = torch.linalg.matrix_norm(s * (bb.detach().float() @ a.detach().float())) if a is not None else wn * 0
+            bn = torch.linalg.vector_norm(b.detach().float()) if b is not None else wn * 0
+            sides.append((xn, wn, un, bn))
+        (xq, wq, uq, bq), (xk, wk, uk, bk) = sides
+        factor = self.config.scale * abs(self.post_scale[0] * self.post_scale[1])
+        composed = factor * (xq * (wq + uq) + bq) * (xk * (wk + uk) + bk)
+        frozen_only = factor * (xq * wq + bq) * (xk * wk + bk)
+        share = 1 - frozen_only / composed
+        return torch.stack([xq * xk, wq * wk, (wq + uq) * (wk + uk) - wq * wk, composed, share])
 
 
 def _key_weight(mask, k):
@@ -64,6 +88,10 @@ class GraphRecord:
     skipped: list
     graph_before: str
     graph_after: str
+    # filled only under lora_pass.inspect: AOT forward/backward code and networkx site regions
+    aot_before: dict = dataclasses.field(default_factory=dict)
+    aot_after: dict = dataclasses.field(default_factory=dict)
+    regions: list = dataclasses.field(default_factory=list)
 
 
 def _shape(node):
@@ -163,13 +191,17 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options) -> GraphRecord:
     if sites:
         gm.graph.lint()
         gm.recompile()
+        graph_log.debug("lowrank_lora: graph before the rewrite:\n%s\nlowrank_lora: graph after the rewrite:\n%s",
+                        before, gm.code)
     return GraphRecord(sites, skipped, before, gm.code if sites else before)
 
 
 def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, opts: Options):
     qv = matcher.meta_value(cand.q)
     config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths)
-    module = AttentionSite(config, mask_kind, site.heads != site.kv_heads, qv.device, opts.telemetry)
+    pq, pk = site.projections["q"], site.projections["k"]
+    module = AttentionSite(config, mask_kind, site.heads != site.kv_heads, qv.device, opts.telemetry,
+                           lora_scaling=(pq.scaling, pk.scaling), post_scale=(pq.post_scale, pk.post_scale))
     # The compiled-graph caches key on the graph's code, not on this module's attributes:
     # naming the submodule after its configuration keeps two configurations apart.
     digest = hashlib.sha256(repr((config, mask_kind, opts.telemetry)).encode()).hexdigest()[:10]
@@ -180,7 +212,12 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, 
     if module.stats is not None:
         compat.register_graph_buffer(gm, f"{name}.stats")
     site.submodule = name
-    args = (cand.q, cand.k, cand.v) + ((cand.mask,) if mask_kind == "padding" else ())
+    args = (cand.q, cand.k, cand.v, cand.mask if mask_kind == "padding" else None)
+    if opts.telemetry and pq.nodes and pk.nodes:
+        keys = ("x", "weight", "bias", "lora_a", "lora_b")
+        args += tuple(p.nodes.get(key) for p in (pq, pk) for key in keys)
+    for proj in site.projections.values():  # the record keeps plain data, no graph nodes
+        proj.nodes = {}
     out_value = matcher.meta_value(cand.output)
     with gm.graph.inserting_before(cand.output):
         new = gm.graph.call_module(name, args)

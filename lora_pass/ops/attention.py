@@ -31,6 +31,12 @@ STATS_FIELDS = (
     "backward_exact",
     "last_bound",  # R of the last call (NaN where the bound is not computed)
     "max_bound",  # largest finite R seen
+    # composed norms of the last call (lora_pass.telemetry docs; NaN where not traced):
+    "input_norm",  # max_i ||x_q,i|| * max_j ||x_k,j||
+    "frozen_norm",  # ||W0_q|| * ||W0_k|| (Frobenius)
+    "lora_norm",  # ||s B_q A_q|| * ... : the LoRA updates' part of the composed weight product
+    "composed_bound",  # scale * (||x_q|| ||W_q|| + ||b_q||) * (||x_k|| ||W_k|| + ||b_k||), W = W0 + sBA
+    "lora_share",  # 1 - composed bound without the LoRA updates / composed bound
 )
 
 
@@ -64,6 +70,17 @@ def record_forward(stats: torch.Tensor, bound: torch.Tensor, lowrank: torch.Tens
 
 @record_forward.register_fake
 def _(stats, bound, lowrank):
+    return None
+
+
+@torch.library.custom_op("lora_pass::record_norms", mutates_args={"stats"})
+def record_norms(stats: torch.Tensor, norms: torch.Tensor) -> None:
+    """Store the composed norms of the last call (STATS_FIELDS[6:])."""
+    stats[6:] = norms.to(stats.dtype)
+
+
+@record_norms.register_fake
+def _(stats, norms):
     return None
 
 
