@@ -15,6 +15,7 @@ timed in the exact run's process).
     python bench/attention.py                      # L = 1,024 .. 32,768, causal and non-causal
     python bench/attention.py --quick              # L in {256, 512}, one repeat: a smoke test
     python bench/attention.py --lengths 4096 8192 --causal true --repeats 3
+    python bench/attention.py --threads 1 --clock cpu  # on a shared machine: CPU time, one thread
 
 Writes `attention.json` and `attention.md` to --out (default bench/results/<machine>/).
 """
@@ -456,7 +457,7 @@ def write_markdown(path, report, rows):
         "",
         f"* command: `{report['command']}`",
         f"* date: {report['date']}",
-        f"* device: {report['device_name']} ({report['device']}, {report['threads']} threads)",
+        f"* device: {report['device_name']} ({report['device']}, {report['threads']} thread(s) per run)",
         f"* torch {report['torch']}, Python {report['python']}",
         f"* B = {report['settings']['batch']}, H = {report['settings']['heads']}, d = {HEAD_DIM}, "
         f"degree {DEGREE}, {report['settings']['dtype']}, median of {report['settings']['repeats']} "
@@ -468,9 +469,11 @@ def write_markdown(path, report, rows):
         "`scaled_dot_product_attention` compiled by Inductor; lowrank is the op with `paths=\"lowrank\"`.",
         "Peak memory is the growth of resident memory (CPU) or of allocated memory (CUDA) over one",
         "compiled step, above what is live before it (inputs, compiled code). Compile time is the first",
-        f"forward + backward call with {'a warm' if report['settings']['warm_cache'] else 'an empty'} Inductor cache. The machine may be shared: a timing sample",
-        "during which other processes kept more than 0.25 cores busy is discarded and taken again;",
-        "`other load` is the cores they used during the samples kept (`contended` rows had none clean).",
+        f"forward + backward call with {'a warm' if report['settings']['warm_cache'] else 'an empty'} Inductor cache "
+        "(wall clock). `other load` is the number of cores other processes kept busy while a row was timed.",
+        *(["With the wall clock a sample during which they used more than 0.25 cores is discarded and",
+           "taken again; rows marked * had no clean sample."] if report["settings"]["clock"] == "wall" else
+          ["CPU time of a one-thread process does not count the time slices other processes get."]),
         "",
         render_table(rows, "github"),
         "",

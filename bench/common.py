@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -200,39 +201,45 @@ def peak_step_memory(step, sync, device: str) -> tuple[float | None, str]:
 # --- timing ----------------------------------------------------------------------------------------
 
 
-def timed_samples(fn, repeats: int, sync=lambda: None, *, min_sample_s: float = 0.0,
+def timed_samples(fn, repeats: int, sync=lambda: None, *, clock: str = "wall", min_sample_s: float = 0.0,
                   max_other: float = MAX_OTHER_LOAD, retry_budget_s: float | None = None, on_sample=None) -> dict:
-    """Median seconds per call over `repeats` samples taken while the machine was otherwise quiet.
+    """Median seconds per call over `repeats` samples.
 
-    A sample loops `fn` until `min_sample_s`. A sample during which other processes kept more
-    than `max_other` cores busy is set aside and taken again, while the retries cost less than
-    `retry_budget_s` (default: max(30 s, 2 x repeats samples)). If no sample was clean the median
-    of the others is returned and `contended` is True. `on_sample(seconds, clean)` is called after
-    each sample (a progress bar).
+    A sample loops `fn` until `min_sample_s`. With the wall clock, a sample during which other
+    processes kept more than `max_other` cores busy is set aside and taken again, while the
+    retries cost less than `retry_budget_s` (default: max(30 s, 2 x repeats samples)); if no
+    sample was clean the median of the others is returned and `contended` is True. The CPU clock
+    (this process's CPU time, meant for one thread: see `launch(threads=1)`) needs no retries:
+    time slices given to other processes do not count. `on_sample(seconds, clean)` is called
+    after each sample (a progress bar).
     """
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    if clock == "cpu":
+        max_other = math.inf
     tick = 1 / os.sysconf("SC_CLK_TCK")
     clean, dirty, other_total, clean_time, retried = [], [], 0.0, 0.0, 0.0
     while len(clean) < repeats and len(dirty) < 10 * max(repeats, 1):
         if retry_budget_s is not None and retried > retry_budget_s:
             break
         busy0, own0 = cpu_seconds()
-        calls, start = 0, time.perf_counter()
+        calls, start, wall_start = 0, now(), time.perf_counter()
         while True:
             fn()
             calls += 1
             sync()
-            elapsed = time.perf_counter() - start
+            elapsed = now() - start
             if elapsed >= min_sample_s:
                 break
+        wall = time.perf_counter() - wall_start
         busy1, own1 = cpu_seconds()
         other = max(0.0, (busy1 - busy0) - (own1 - own0))
-        ok = other <= max_other * elapsed + 2 * tick  # two ticks: /proc/stat resolution
+        ok = other <= max_other * wall + 2 * tick  # two ticks: /proc/stat resolution
         if ok:
             clean.append(elapsed / calls)
-            other_total, clean_time = other_total + other, clean_time + elapsed
+            other_total, clean_time = other_total + other, clean_time + wall
         else:
             dirty.append(elapsed / calls)
-            retried += elapsed
+            retried += wall
         if on_sample is not None:
             on_sample(elapsed / calls, ok)
         if retry_budget_s is None:
@@ -262,13 +269,18 @@ def worker_main(run_worker, spec_json: str) -> None:
     print(RESULT_TAG + json.dumps(result, default=str), flush=True)
 
 
-def launch(script: Path, spec: dict, *, timeout: float, warm_cache: bool, show_progress: bool = True) -> dict:
+def launch(script: Path, spec: dict, *, timeout: float, warm_cache: bool, show_progress: bool = True,
+           threads: int | None = None) -> dict:
     """Run `script --worker SPEC` in a fresh interpreter; its result dict, or {"error": ...}.
 
     Each worker gets an empty Inductor cache unless `warm_cache`, so compile times are cold.
-    The worker's stderr (its progress bar) goes to ours when `show_progress`.
+    The worker's stderr (its progress bar) goes to ours when `show_progress`. `threads` sets
+    OMP_NUM_THREADS (torch's intra-op threads and Inductor's C++ kernels); the worker should
+    also call `torch.set_num_threads`.
     """
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="lora_pass_bench_") as cache:

@@ -179,7 +179,7 @@ def reference_grads(model, ids) -> tuple[float, dict]:
     loss.backward()
     grads = {n: g.cpu() for n, g in _lora_grads(ref).items()}
     del ref
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def grad_errors(grads: dict, ref: dict) -> dict:
@@ -248,6 +248,8 @@ def run_worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
     model = make_model(spec)
     model.train()
@@ -290,7 +292,7 @@ def run_worker(spec: dict) -> dict:
         grads = _lora_grads(model) if keep_grads else None
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))  # a host read: the step is finished
+        losses.append(float(loss.detach()))  # a host read: the step is finished
         return grads
 
     steps, warmup = spec["steps"], spec["warmup"]
@@ -314,7 +316,7 @@ def run_worker(spec: dict) -> dict:
         bar.update()
         bar.set_postfix_str(f"{1000 * seconds:.0f} ms{'' if clean else ' (busy machine, retaken)'}")
 
-    timing = common.timed_samples(step, steps, sync, on_sample=on_sample)
+    timing = common.timed_samples(step, steps, sync, clock=spec.get("clock", "wall"), on_sample=on_sample)
     result["peak_mem_mb"], result["mem_method"] = common.peak_step_memory(step, sync, device)
     bar.update()
     bar.close()
@@ -426,7 +428,8 @@ def write_markdown(path: Path, report: dict, rows: list[dict]) -> None:
         f" position table {report['max_positions'] or 2048}",
         f"* PEFT LoRA r = {s['r']}, alpha = {s['alpha']} on {s['lora']}; AdamW lr {s['lr']}; batch {s['batch']}; float32",
         f"* data: {report['data']}",
-        f"* timing: median of {s['steps']} step(s) (forward, backward, AdamW) after {s['warmup']} warm-up step(s); "
+        f"* timing: median of {s['steps']} step(s) (forward, backward, AdamW) after {s['warmup']} warm-up step(s), "
+        f"{'CPU time of the worker process' if s['clock'] == 'cpu' else 'wall clock'}; "
         f"each (model, L, mode) in a fresh process with {'a warm' if s['warm_cache'] else 'an empty'} Inductor cache",
         "",
         "Columns: `compile s` is the first step minus a median step (Dynamo, AOTAutograd and Inductor, forward and",
@@ -480,6 +483,9 @@ def parse_args(argv=None):
                    help="multiply every q_proj/k_proj base weight and bias by FACTOR (small logits; default 1 = unchanged)")
     p.add_argument("--crossover", type=int, default=None, help="lowrank_lora option crossover for mode auto (default: cost model)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time, robust on a shared machine; use with --threads 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="opt-125m at L = 128, 2 steps, no warm-up, warm Inductor cache")
     p.add_argument("--warm-cache", action="store_true", help="reuse the Inductor cache (compile times not cold)")
@@ -527,6 +533,8 @@ def main(argv=None):
     device = args.device or common.default_device()
     out_dir = common.results_dir(device, args.out)
     env = common.environment(device)
+    if args.threads:
+        env["threads"] = args.threads
     modes = [m for m in MODES if m in args.modes]  # eager first: it also computes the reference
     runs, data_desc = [], None
     with tempfile.TemporaryDirectory(prefix="lora_pass_opt_") as tmp:
@@ -550,14 +558,15 @@ def main(argv=None):
                         "weights": args.weights, "max_positions": args.max_positions, "layers": args.layers,
                         "bounded": args.bounded, "crossover": args.crossover, "seed": args.seed,
                         "steps": args.steps, "warmup": args.warmup, "tokens": str(streams[vocab]),
+                        "threads": args.threads, "clock": args.clock,
                         "reference_out": ref if i == 0 else None, "reference_in": ref, "quiet": args.quiet,
                     })
         bar = tqdm(specs, unit="config", desc="configurations")
         for spec in bar:
             bar.set_description(f"{spec['model']} L={spec['seq']} {spec['mode']}")
-            waited = common.wait_until_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
+            waited = common.wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
             run = common.launch(Path(__file__), spec, timeout=args.timeout, warm_cache=args.warm_cache,
-                                show_progress=not args.quiet)
+                                show_progress=not args.quiet, threads=args.threads)
             run = {"model": spec["model"], "seq": spec["seq"], "mode": spec["mode"], **run, "waited_for_idle_s": waited}
             if "error" in run:
                 tqdm.write(f"failed: {spec['model']} L={spec['seq']} {spec['mode']}: {run['error']}")

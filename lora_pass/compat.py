@@ -124,15 +124,20 @@ def register_torch_logs() -> None:
 
     from torch._logging import _internal
 
-    if "lowrank_lora" in _internal.log_registry.log_alias_to_log_qnames:
+    if "lowrank_lora_graphs" in _internal.log_registry.artifact_names:
         return
     _internal.register_log("lowrank_lora", ["lora_pass"])
+    # parsed at torch import as the module name of the shim, which would shadow the artifact
+    _internal.log_registry.log_alias_to_log_qnames.pop("lowrank_lora_graphs", None)
     _internal.register_artifact(
         "lowrank_lora_graphs", "Dynamo graphs before and after the lowrank_lora rewrite", visible=True,
         off_by_default=True,
     )
     if os.environ.get("TORCH_LOGS"):
-        _internal._init_logs()  # TORCH_LOGS was parsed at torch import, before these names existed
+        # TORCH_LOGS was parsed at torch import, when these names were only the importable shims
+        # of the same names (lora_pass/_logs); parse it again now that they mean what they should
+        _internal._parse_log_settings.cache_clear()  # it is memoised on the settings string
+        _internal._init_logs()
 
 
 def artifact_logger(module_name: str, artifact: str):

@@ -1,0 +1,92 @@
+"""Smoke tests of the benchmarks: each runs with its smallest settings, as the user would run it.
+
+The benchmarks are run as subprocesses writing to a temporary directory; the tests check that
+they finish and that their JSON and Markdown carry the fields the README's results rely on.
+Settings are the smallest that still go through every stage (opt-tiny, L = 32, one step,
+eager against the backend's exact mode; a 2 x 2 phase map at L = 64, 128, eager).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+pytest.importorskip("peft")
+pytest.importorskip("tokenizers")
+
+
+def run(script: str, *args: str, out: Path, timeout: float = 300) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd = [sys.executable, str(BENCH / script), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    stem = Path(script).stem
+    assert (out / f"{stem}.md").is_file()
+    report = json.loads((out / f"{stem}.json").read_text())
+    for key in ("command", "date", "torch", "device", "device_name"):
+        assert report[key], key
+    assert stem in report["command"]
+    return report
+
+
+def test_opt_finetune_smallest(tmp_path):
+    report = run("opt_finetune.py", "--models", "opt-tiny", "--seqs", "32", "--steps", "1", "--warmup", "0",
+                 "--modes", "eager", "exact", "--warm-cache", "--wait-idle", "0", "--quiet", out=tmp_path)
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert set(rows) == {"eager", "exact"}
+    for mode, row in rows.items():
+        assert row["error"] is None, (mode, row["error"])
+        assert row["model"] == "opt-tiny" and row["seq"] == 32
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0
+        assert row["loss_after_n"] is not None and row["eager_loss_after_n"] is not None
+        assert row["grad_err"] is not None and row["grad_err"] < 1e-3, (mode, row["grad_err"])
+    assert rows["eager"]["compile_s"] is None and rows["exact"]["compile_s"] >= 0
+    # the backend's exact mode computes what eager computes, on the same batches
+    assert abs(rows["exact"]["loss_delta"]) < 1e-4
+    run_exact = next(r for r in report["runs"] if r["mode"] == "exact")
+    backend = run_exact["backend"]
+    assert backend["sites"] == 2 and backend["forward_lowrank"] == 0 and backend["forward_exact"] >= 2
+    assert "BPE" in report["data"]  # the default token stream: English text through a local tokenizer
+    assert "opt-tiny" in (tmp_path / "opt_finetune.md").read_text()
+
+
+def test_phase_map_smallest(tmp_path):
+    report = run("phase_map.py", "--quick", "--lengths", "64", "128", "--bounds", "0.1", "3.2", "--inputs", "aligned",
+                 out=tmp_path)
+    cells = report["cells"]
+    assert {(c["length"], c["bound"]) for c in cells} == {(64, 0.1), (64, 3.2), (128, 0.1), (128, 3.2)}
+    for c in cells:
+        assert c["exact_ms"] > 0 and c["lowrank_ms"] > 0 and c["speedup"] > 0
+        assert abs(c["measured_bound"] - c["bound"]) < 1e-3 * c["bound"]
+        assert set(c["lowrank_errors"]) == {"out", "dq", "dk", "dv"}
+        assert c["guard_passes"] == (c["bound"] <= report["r_max"])
+        if c["guard_passes"]:  # below the guard's threshold the written bound holds
+            assert c["lowrank_max_error"] <= c["error_bound"]
+    assert 0.1 < report["r_max"] < 0.3
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "phase_map.png").is_file() == has_mpl
+    assert report["png"] == ("phase_map.png" if has_mpl else None)
+
+
+def test_results_folder_matches_attention_benchmark():
+    """All benchmarks of one machine write to the same bench/results/<machine>/ folder."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import attention
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    if not hasattr(attention, "machine_slug"):
+        pytest.skip("bench/attention.py names its folder elsewhere")
+    assert common.machine_slug("cpu") == attention.machine_slug("cpu")
