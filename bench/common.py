@@ -102,7 +102,7 @@ def environment_lines(env: dict) -> list[str]:
     lines = [
         f"* command: `{env['command']}`",
         f"* date: {env['date']}",
-        f"* device: {env['device_name']} ({env['device']}, {env['threads']} threads, {env['cpu_count']} CPUs)",
+        f"* device: {env['device_name']} ({env['device']}, {env['threads']} thread(s) per run, {env['cpu_count']} CPUs)",
         f"* torch {env['torch']}, Python {env['python']}",
     ]
     if env.get("commit"):

@@ -442,9 +442,12 @@ def write_markdown(path: Path, report: dict, rows: list[dict]) -> None:
         "that took the low-rank path, out of all calls of rewritten sites; `sites compiled` says which paths the",
         "backend compiled (`exact`: plain SDPA, `guarded`: both paths behind the norm guard, `lowrank`: forced);",
         "`max R` is the largest logit bound seen (R_max = " + common.fmt(report.get("r_max"), 4) + ").",
-        "The machine is shared: a timed step during which other processes kept more than 0.25 cores busy is",
-        "discarded and taken again (within a time budget); `other load` is the cores they used during the steps",
-        "kept, and a time marked * had no clean step at all. Medians, not means.",
+        *(["The machine is shared: a timed step during which other processes kept more than 0.25 cores busy is",
+           "discarded and taken again (within a time budget); `other load` is the cores they used during the steps",
+           "kept, and a time marked * had no clean step at all. Medians, not means."] if s["clock"] == "wall" else
+          ["Step times are the CPU time of the worker (one thread: time slices given to other processes do not",
+           "count); compile times are wall clock, so they grow with the load of other processes. `other load` is",
+           "the cores other processes kept busy while the steps were timed. Medians, not means."]),
         "",
         render_table(rows, "github"),
         "",
@@ -471,7 +474,7 @@ def parse_args(argv=None):
     p.add_argument("--lora", choices=("q,v", "q,k,v"), default="q,v", help="LoRA targets (default q,v)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attn_implementation (default sdpa)")
     p.add_argument("--data", choices=("text", "random"), default="text", help="token stream (default: English text)")
     p.add_argument("--weights", metavar="PATH", help="local OPT checkpoint directory (one model)")

@@ -81,7 +81,7 @@ def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key
     dv:  sum_j ||dV~_j - dV_j|| / sum_i ||dO_i||
     Maxima and sums are per (batch, KV head group); the worst group is returned.
     """
-    f = lambda t: t.double()  # noqa: E731
+    f = lambda t: t.detach().double()  # noqa: E731
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
 
