@@ -10,7 +10,6 @@ Public API: `lowrank_lora` (the backend), `inspect` and its `Report`, `Options`,
 
 from __future__ import annotations
 
-from . import compat
 from .backend import lowrank_lora
 from .ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention
 from .options import Options
@@ -27,14 +26,14 @@ def records():
 
 
 def sites():
-    """Every rewritten site still alive, in compile order."""
+    """Every site rewritten in this process (since `reset()`), in compile order."""
     from .backend import _SITE_MODULES
 
-    return [m.site for _, m in sorted(_SITE_MODULES.items(), key=lambda kv: kv[1].site.index)]
+    return [m.site for m in _SITE_MODULES.values()]
 
 
 def telemetry():
-    """Per live site: its Site record and its counters (one host read for all sites)."""
+    """Per rewritten site (since `reset()`): its Site record and its counters (one host read each)."""
     from .backend import _SITE_MODULES
 
     out = []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch.fx as fx
 
 from . import compat
@@ -12,7 +10,9 @@ from .rewrite import AttentionSite, GraphRecord, rewrite_graph
 
 #: One GraphRecord per graph compiled by this process, oldest first (see `lora_pass.records()`).
 _RECORDS: list[GraphRecord] = []
-_SITE_MODULES: "weakref.WeakValueDictionary[int, AttentionSite]" = weakref.WeakValueDictionary()
+#: Site modules by id. Strong references: the compiled code holds the stats buffers but not the
+#: graph module, which may be freed once compiled; `lora_pass.reset()` drops them.
+_SITE_MODULES: "dict[int, AttentionSite]" = {}
 #: Set by lora_pass.inspect: also capture the AOT graphs before and after the rewrite.
 _CAPTURE: list = []
 

@@ -99,6 +99,11 @@ def _shape(node):
     return None if value is None else tuple(value.shape)
 
 
+def _dim(x):
+    """A static size as an int, a symbolic one by its name ("s0")."""
+    return x if isinstance(x, int) else str(x)
+
+
 def _static(*dims) -> bool:
     return all(isinstance(d, int) for d in dims)
 
@@ -114,8 +119,9 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
         return skip(f"q/k/v are not [B, H, L, D] tensors of matching shapes ({qs}, {ks}, {vs})")
     b, hq, lq, d = qs
     hkv, lk = ks[1], ks[2]
-    if not _static(b, hq, lq, d, hkv, lk):
-        return skip("dynamic shapes: the low-rank path needs static sequence lengths")
+    dynamic = not _static(b, hq, lq, d, hkv, lk)
+    if dynamic and not _static(hq, d, hkv):
+        return skip("symbolic head count or head dim")
     if ks[0] != b or ks[3] != d or hq % hkv:
         return skip(f"unsupported head layout q {list(qs)} k {list(ks)}")
     qv = matcher.meta_value(cand.q)
@@ -129,16 +135,19 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
         if kind == "causal":
             causal, kind = True, "none"
         mask_kind = kind
-    if causal and lq != lk:
+    if causal and not dynamic and lq != lk:
         return skip(f"causal attention with Lq={lq} != Lk={lk}")
-    if lq == 0 or lk == 0:
+    if not dynamic and (lq == 0 or lk == 0):
         return skip("empty sequence")
     projections = {name: matcher.trace_projection(node) for name, node in zip("qkv", (cand.q, cand.k, cand.v))}
     if opts.require_lora and not any(p.adapted for p in projections.values()):
         return skip("no LoRA-adapted projection (require_lora=True)")
     scale = cand.scale if cand.scale is not None else d**-0.5
     device_type = qv.device.type
-    if opts.mode == "exact":
+    if dynamic:
+        # the chunked low-rank graph is unrolled over a static number of chunks
+        paths, decision = "exact", "dynamic sequence length: exact (the low-rank path needs a static length)"
+    elif opts.mode == "exact":
         paths, decision = "exact", 'mode="exact"'
     elif opts.mode == "lowrank":
         paths, decision = "lowrank", 'mode="lowrank"'
@@ -153,7 +162,7 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     site = matcher.Site(
         index=index, module=module, family=cand.family, projections=projections, causal=causal,
         mask=mask_kind if mask_kind != "none" else ("causal" if causal else "none"),
-        batch=b, heads=hq, kv_heads=hkv, seq_len=lq, head_dim=d, scale=float(scale),
+        batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d, scale=float(scale),
         degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
         paths=paths, decision=decision,
     )
