@@ -22,6 +22,7 @@ import torch
 from .. import compat
 from ..guard import norm_bound
 from .exact import exact_attention_backward, exact_attention_forward
+from .features import feature_tables
 from .lowrank import lowrank_attention_backward, lowrank_attention_forward
 
 STATS_FIELDS = (
@@ -101,31 +102,32 @@ def _(stats, lowrank, grad):
     return None
 
 
-def _branches(cfg: AttentionConfig, has_weight: bool):
-    """Forward and backward of both paths as functions of tensors only (torch.cond operands)."""
-    kw = dict(scale=cfg.scale, causal=cfg.causal)
+def _branches(cfg: AttentionConfig, has_weight: bool, head_dim: int):
+    """Forward and backward of both paths as functions of tensors only (cond operands).
 
-    def split(rest):
-        return (rest[0] if has_weight else None), rest[1:] if has_weight else rest
+    The feature tables are computed here, outside the branches, so that a caller compiling
+    the op with Dynamo traces them as constants (see features.feature_tables).
+    """
+    kw = dict(scale=cfg.scale, causal=cfg.causal)
+    low = dict(kw, degree=cfg.degree, tables=feature_tables(head_dim, cfg.degree))
+
+    def weight(rest):
+        return rest[0] if has_weight else None
 
     def lowrank_fwd(q, k, v, *rest):
-        w, _ = split(rest)
-        out = lowrank_attention_forward(q, k, v, degree=cfg.degree, key_weight=w, **kw)
+        out = lowrank_attention_forward(q, k, v, key_weight=weight(rest), **low)
         return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
 
     def exact_fwd(q, k, v, *rest):
-        w, _ = split(rest)
-        out, lse = exact_attention_forward(q, k, v, key_weight=w, **kw)
+        out, lse = exact_attention_forward(q, k, v, key_weight=weight(rest), **kw)
         return out.contiguous(), lse.contiguous()
 
     def lowrank_bwd(dout, q, k, v, out, lse, *rest):
-        w, _ = split(rest)
-        grads = lowrank_attention_backward(dout, q, k, v, out, degree=cfg.degree, key_weight=w, **kw)
+        grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=weight(rest), **low)
         return tuple(g.contiguous() for g in grads)
 
     def exact_bwd(dout, q, k, v, out, lse, *rest):
-        w, _ = split(rest)
-        grads = exact_attention_backward(dout, q, k, v, out, lse, key_weight=w, **kw)
+        grads = exact_attention_backward(dout, q, k, v, out, lse, key_weight=weight(rest), **kw)
         return tuple(g.contiguous() for g in grads)
 
     return lowrank_fwd, exact_fwd, lowrank_bwd, exact_bwd
@@ -134,7 +136,7 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
 class GuardedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_weight, stats, cfg: AttentionConfig):
-        lowrank_fwd, exact_fwd, _, _ = _branches(cfg, key_weight is not None)
+        lowrank_fwd, exact_fwd, _, _ = _branches(cfg, key_weight is not None, q.shape[-1])
         extra = () if key_weight is None else (key_weight,)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if cfg.paths == "exact":
@@ -159,7 +161,7 @@ class GuardedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, pred, *extra = ctx.saved_tensors
         cfg = ctx.cfg
-        _, _, lowrank_bwd, exact_bwd = _branches(cfg, ctx.has_weight)
+        _, _, lowrank_bwd, exact_bwd = _branches(cfg, ctx.has_weight, q.shape[-1])
         args = (dout.contiguous(), q, k, v, out, lse, *extra)
         if cfg.paths == "exact":
             dq, dk, dv = exact_bwd(*args)

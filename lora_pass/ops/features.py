@@ -39,17 +39,38 @@ def _monomials(head_dim: int, degree: int):
     return tuple(out)
 
 
-def _orders(x: torch.Tensor, degree: int):
+@functools.lru_cache(maxsize=None)
+def _pair_table(head_dim: int):
+    """[d][d] position of the degree-2 monomial x_a x_b within its order, and the derivative
+    coefficient (2 on the diagonal: d(w x_a^2)/dx_a = 2 w x_a), as Python lists."""
+    position = {c: i for i, c in enumerate(itertools.combinations_with_replacement(range(head_dim), 2))}
+    index = [[position[(min(a, b), max(a, b))] for b in range(head_dim)] for a in range(head_dim)]
+    coef = [[2.0 if a == b else 1.0 for b in range(head_dim)] for a in range(head_dim)]
+    return index, coef
+
+
+@torch.compiler.assume_constant_result
+def feature_tables(head_dim: int, degree: int):
+    """The constant tables of the feature map for (d, g), as plain Python data.
+
+    Callers under torch.compile compute them once outside any traced branch and pass them in
+    (`tables=`): Dynamo keeps the result as a constant there, but not inside a cond branch.
+    """
+    return _monomials(head_dim, degree), (_pair_table(head_dim) if degree >= 2 else None)
+
+
+def _orders(x: torch.Tensor, degree: int, tables=None):
     d = x.shape[-1]
-    for combos, weights in _monomials(d, degree):
+    monomials = (tables or feature_tables(d, degree))[0]
+    for combos, weights in monomials:
         idx = torch.tensor(combos, dtype=torch.long, device=x.device).reshape(len(combos), -1)
         yield idx, torch.tensor(weights, dtype=x.dtype, device=x.device)
 
 
-def taylor_features(x: torch.Tensor, degree: int) -> torch.Tensor:
+def taylor_features(x: torch.Tensor, degree: int, tables=None) -> torch.Tensor:
     """Phi(x): [..., d] -> [..., C(d + g, g)], in the dtype of x."""
     parts = [x.new_ones(x.shape[:-1] + (1,))]
-    for idx, w in _orders(x, degree):
+    for idx, w in _orders(x, degree, tables):
         prod = x[..., idx[:, 0]]
         for p in range(1, idx.shape[1]):
             prod = prod * x[..., idx[:, p]]
@@ -57,7 +78,7 @@ def taylor_features(x: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: int) -> torch.Tensor:
+def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: int, tables=None) -> torch.Tensor:
     """J_Phi(x)^T grad: [..., d], [..., k] -> [..., d], without a [..., k, d] Jacobian.
 
     For a monomial w * x_{i1} ... x_{ij}, the derivative along position p is w times the
@@ -65,12 +86,21 @@ def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: in
     """
     dx = torch.zeros_like(x)
     offset = 1  # feature 0 is the constant 1
-    for idx, w in _orders(x, degree):
+    tables = tables or feature_tables(x.shape[-1], degree)
+    for idx, w in _orders(x, degree, tables):
         k_j, j = idx.shape
         g = grad_features[..., offset : offset + k_j] * w
         offset += k_j
         if j == 1:
             dx = dx + g
+            continue
+        if j == 2:
+            # dx_a = sum_b c_ab g_(ab) x_b: a gather and a reduction that Inductor fuses into one
+            # loop, O(rows d^2) instead of O(rows k d) for the general scatter below
+            index, coef = tables[1]
+            index = torch.tensor(index, dtype=torch.long, device=x.device)
+            coef = torch.tensor(coef, dtype=x.dtype, device=x.device)
+            dx = dx + (g[..., index] * coef * x[..., None, :]).sum(-1)
             continue
         factors = [x[..., idx[:, p]] for p in range(j)]
         for p in range(j):

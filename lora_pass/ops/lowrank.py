@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .features import taylor_features, taylor_features_vjp
+from .features import feature_tables, taylor_features, taylor_features_vjp
 from .naive import key_center, taylor_polynomial
 
 MIN_CHUNK = 256
@@ -35,8 +35,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Prepared:
     """Centred, scaled and regrouped inputs shared by forward and backward."""
 
-    def __init__(self, q, k, v, scale, key_weight, center=None):
+    def __init__(self, q, k, v, scale, key_weight, center=None, degree=2, tables=None):
         cdt = compute_dtype(q.dtype)
+        self.degree = degree
+        self.tables = tables or feature_tables(q.shape[-1], degree)
         b, hq, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         self.b, self.hkv, self.g, self.lq, self.lk, self.d = b, hkv, hq // hkv, lq, lk, d
@@ -59,9 +61,15 @@ class _Prepared:
     def key_weight(self, start, stop):
         return None if self.w is None else self.w[:, :, start:stop]
 
+    def features(self, x):
+        return taylor_features(x, self.degree, self.tables)
+
+    def features_vjp(self, x, grad):
+        return taylor_features_vjp(x, grad, self.degree, self.tables)
+
 
 def _key_features(p: _Prepared, start, stop, degree):
-    pk = taylor_features(p.kt[:, :, start:stop], degree)
+    pk = p.features(p.kt[:, :, start:stop])
     w = p.key_weight(start, stop)
     return pk if w is None else pk * w
 
@@ -93,19 +101,20 @@ def _states(p: _Prepared, degree, chunk):
     return h, z
 
 
-def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None, center=None):
+def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None, center=None,
+                              tables=None):
     """Low-rank attention output [B, Hq, Lq, D] in the dtype of q.
 
     `center` [B, Hkv, 1, D] overrides the key centre mu (default: mean of the unmasked keys).
     """
-    p = _Prepared(q, k, v, scale, key_weight, center)
+    p = _Prepared(q, k, v, scale, key_weight, center, degree, tables)
     chunk = chunk or chunk_size(max(p.lq, 1))
     outs = []
     if not causal:
         h, z = _states(p, degree, chunk)
         for start in range(0, p.lq, chunk):
             stop = min(start + chunk, p.lq)
-            pq = taylor_features(p.q_rows(p.qt, start, stop), degree)
+            pq = p.features(p.q_rows(p.qt, start, stop))
             outs.append(p.from_q_rows((pq @ h) / (pq @ z[..., None]), stop - start))
     else:
         h = z = None  # prefix states, float64 so that the backward can peel chunks off exactly
@@ -116,7 +125,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
             num, den = a @ v_c, a.sum(-1, keepdim=True)
             pk = _key_features(p, start, stop, degree)
             if h is not None:
-                pq = taylor_features(qt_c, degree)
+                pq = p.features(qt_c)
                 num = num + pq @ h.to(num.dtype)
                 den = den + pq @ z.to(num.dtype)[..., None]
             outs.append(p.from_q_rows(num / den, stop - start))
@@ -128,9 +137,9 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
 
 
 def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None,
-                               center=None):
+                               center=None, tables=None):
     """Chained low-rank gradient (dq, dk, dv) of `lowrank_attention_forward`; mu is a constant."""
-    p = _Prepared(q, k, v, scale, key_weight, center)
+    p = _Prepared(q, k, v, scale, key_weight, center, degree, tables)
     chunk = chunk or chunk_size(max(p.lq, 1))
     cdt = p.qt.dtype
     do = dout.to(cdt).view(p.qt.shape)
@@ -142,10 +151,10 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
         for start in range(0, p.lq, chunk):
             stop = min(start + chunk, p.lq)
             qt_c = p.q_rows(p.qt, start, stop)
-            pq = taylor_features(qt_c, degree)
+            pq = p.features(qt_c)
             dn, dden = _output_grads(p, pq @ z[..., None], do, o, start, stop)
             dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
-            dqs.append(p.from_q_rows(taylor_features_vjp(qt_c, dpq, degree), stop - start))
+            dqs.append(p.from_q_rows(p.features_vjp(qt_c, dpq), stop - start))
             g_h, g_z = pq.transpose(-1, -2) @ dn, (pq * dden).sum(-2)
             dh = g_h if dh is None else dh + g_h
             dz = g_z if dz is None else dz + g_z
@@ -169,7 +178,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             den = a.sum(-1, keepdim=True)
             if start > 0:
                 h_prev, z_prev = (h_total - h_suffix).to(cdt), (z_total - z_suffix).to(cdt)
-                pq = taylor_features(qt_c, degree)
+                pq = p.features(qt_c)
                 den = den + pq @ z_prev[..., None]
             dn, dden = _output_grads(p, den, do, o, start, stop)
             # inside the chunk: exact polynomial, P_g' = P_{g-1}
@@ -179,7 +188,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dv_c = a.transpose(-1, -2) @ dn
             if start > 0:
                 dpq = dn @ h_prev.transpose(-1, -2) + dden * z_prev[..., None, :]
-                dqt_c = dqt_c + taylor_features_vjp(qt_c, dpq, degree)
+                dqt_c = dqt_c + p.features_vjp(qt_c, dpq)
             if dh is not None:  # keys of this chunk feed the states of every later chunk
                 dk_inter, dv_inter = _key_grads(p, start, stop, degree, dh, dz, pk=pk)
                 dkt_c = dkt_c + dk_inter / p.root
@@ -216,4 +225,4 @@ def _key_grads(p: _Prepared, start, stop, degree, dh, dz, pk=None):
     w = p.key_weight(start, stop)
     if w is not None:
         dpk = dpk * w
-    return taylor_features_vjp(kt_c, dpk, degree) * p.root, dv_c
+    return p.features_vjp(kt_c, dpk) * p.root, dv_c

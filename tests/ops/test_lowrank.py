@@ -170,3 +170,18 @@ def test_exact_kernels_match_reference(causal, mask, heads):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("paths", ["guarded", "lowrank"])
+def test_op_compiles_directly_with_fullgraph(paths):
+    """Users may call the op in their own compiled code: Dynamo must trace it whole."""
+    q, k, v, _ = make_inputs(1, 4, 2, 40, 8, None, dtype=torch.float32, q_scale=0.1)
+    cfg = AttentionConfig(scale=8**-0.5, causal=True, degree=2, r_max=0.5, paths=paths)
+    compiled = torch.compile(lambda q, k, v: guarded_attention(q, k, v, cfg), fullgraph=True)
+    a = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    b = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    out, ref = compiled(*a), guarded_attention(*b, cfg)
+    dout = torch.randn_like(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, a, dout), torch.autograd.grad(ref, b, dout)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
