@@ -19,12 +19,18 @@ from .features import feature_tables, taylor_features, taylor_features_vjp
 from .naive import key_center, taylor_polynomial
 
 MIN_CHUNK = 256
-MAX_CHUNKS = 32
+MAX_CHUNKS = 32  # causal: the exact polynomial inside a chunk costs O(L C d), so chunks stay small
+MAX_CHUNKS_FULL = 8  # non-causal: chunks only bound the memory of the features
 
 
-def chunk_size(length: int) -> int:
-    """Rows per chunk: at least MIN_CHUNK, at most MAX_CHUNKS chunks (bounds the unrolled graph)."""
-    c = max(MIN_CHUNK, math.ceil(length / MAX_CHUNKS))
+def chunk_size(length: int, causal: bool = True) -> int:
+    """Rows per chunk: at least MIN_CHUNK, at most MAX_CHUNKS (causal) or MAX_CHUNKS_FULL chunks.
+
+    The loop over chunks is unrolled in the traced graph, so the number of chunks sets the
+    compile time; the chunk size sets the causal intra-chunk cost and the feature memory.
+    """
+    chunks = MAX_CHUNKS if causal else MAX_CHUNKS_FULL
+    c = max(MIN_CHUNK, math.ceil(length / chunks))
     return min(length, 64 * math.ceil(c / 64)) if length > 0 else 1
 
 
@@ -108,7 +114,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
     `center` [B, Hkv, 1, D] overrides the key centre mu (default: mean of the unmasked keys).
     """
     p = _Prepared(q, k, v, scale, key_weight, center, degree, tables)
-    chunk = chunk or chunk_size(max(p.lq, 1))
+    chunk = chunk or chunk_size(max(p.lq, p.lk, 1), causal)
     outs = []
     if not causal:
         h, z = _states(p, degree, chunk)
@@ -140,7 +146,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                                center=None, tables=None):
     """Chained low-rank gradient (dq, dk, dv) of `lowrank_attention_forward`; mu is a constant."""
     p = _Prepared(q, k, v, scale, key_weight, center, degree, tables)
-    chunk = chunk or chunk_size(max(p.lq, 1))
+    chunk = chunk or chunk_size(max(p.lq, p.lk, 1), causal)
     cdt = p.qt.dtype
     do = dout.to(cdt).view(p.qt.shape)
     o = out.to(cdt).view(p.qt.shape)

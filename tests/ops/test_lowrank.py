@@ -73,10 +73,11 @@ def test_default_chunking_covers_lengths_not_multiple_of_chunk():
 
 
 def test_chunk_size_bounds_the_number_of_chunks():
-    for length in (1, 100, 256, 1000, 32768, 100000):
-        c = lowrank.chunk_size(length)
-        assert 1 <= c <= max(length, 1)
-        assert math.ceil(length / c) <= lowrank.MAX_CHUNKS
+    for causal, most in ((True, lowrank.MAX_CHUNKS), (False, lowrank.MAX_CHUNKS_FULL)):
+        for length in (1, 100, 256, 1000, 32768, 100000):
+            c = lowrank.chunk_size(length, causal)
+            assert 1 <= c <= max(length, 1)
+            assert math.ceil(length / c) <= most
 
 
 @pytest.mark.parametrize("degree,d", [(1, 5), (2, 6), (3, 4)])
