@@ -463,6 +463,7 @@ def write_markdown(path, report, rows):
         f"degree {DEGREE}, {report['settings']['dtype']}, median of {report['settings']['repeats']} "
         f"after {report['settings']['warmup']} warm-up call(s)",
         f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}; measured R in the table",
+        *(["* interrupted: only the configurations listed were measured"] if report["interrupted"] else []),
         "",
         f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
         "are forward + backward (guard: forward only, it runs once per forward). Exact is",
@@ -555,13 +556,18 @@ def main(argv=None):
     ]
     runs = []
     bar = tqdm(specs, unit="config")
-    for spec in bar:
-        bar.set_description(f"{spec['mode']:>7} causal={spec['causal']!s:<5} L={spec['length']}")
-        waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
-        run = {**launch(spec, args.timeout, args.warm_cache), "waited_for_idle_s": waited}
-        if "error" in run:
-            tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
-        runs.append(run)
+    interrupted = False
+    try:
+        for spec in bar:
+            bar.set_description(f"{spec['mode']:>7} causal={spec['causal']!s:<5} L={spec['length']}")
+            waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
+            run = {**launch(spec, args.timeout, args.warm_cache), "waited_for_idle_s": waited}
+            if "error" in run:
+                tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
+            runs.append(run)
+    except KeyboardInterrupt:  # keep what was measured
+        interrupted = True
+        bar.close()
 
     rows = summarise(runs, lengths, causals)
     cross = {"device": device, "head_dim": HEAD_DIM, "degree": DEGREE}
@@ -576,6 +582,7 @@ def main(argv=None):
         "device_name": device_name(device),
         "threads": next((r["threads"] for r in runs if "threads" in r), None),
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "interrupted": interrupted,
         "r_max": r_max(DEGREE, TOLERANCE),
         "crossover": cross,
         "growth_per_doubling": growth_table(rows),
