@@ -22,7 +22,8 @@ backend how many attention calls took the low-rank path.
     python bench/opt_finetune.py --models opt-125m --seqs 128 512 --steps 3
     python bench/opt_finetune.py --long               # position table extended to 16,384; L = 4,096 and 16,384
 
-Writes `opt_finetune.json` and `opt_finetune.md` to --out (default bench/results/<machine>/).
+Writes `opt_finetune.json` and `opt_finetune.md` (`opt_finetune_long.*` with --long) to --out
+(default bench/results/<machine>/).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import hashlib
 import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -233,7 +235,90 @@ def _telemetry(mode: str) -> dict:
     return out
 
 
+def compile_mode(model, mode: str, spec: dict):
+    """The callable that runs `model` in `mode`."""
+    import torch
+
+    if mode == "eager":
+        return model
+    if mode == "inductor":
+        return torch.compile(model, backend="inductor")
+    import lora_pass  # noqa: F401  (registers the backend, also found through its entry point)
+
+    options = {"mode": mode}
+    if mode == "auto" and spec.get("crossover") is not None:
+        options["crossover"] = spec["crossover"]
+    return torch.compile(model, backend="lowrank_lora", options=options)
+
+
+def run_paired(spec: dict) -> dict:
+    """Two modes in one process, their steps alternating (ABBA...): a ratio free of slow drifts
+    in the load of the machine, which separate processes cannot give. Same weights, same batches."""
+    import copy
+
+    import torch
+
+    from tqdm import tqdm
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device, modes = spec["device"], spec["pair"]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    now = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
+    tokens = torch.load(spec["tokens"])
+    base = make_model(spec)
+    runners = {}
+    for mode in modes:
+        model = copy.deepcopy(base).train()
+        fn = compile_mode(model, mode, spec)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
+        runners[mode] = (model, fn, opt, [])
+    del base
+
+    def step(mode):
+        model, fn, opt, losses = runners[mode]
+        ids = batch_at(tokens, len(losses), spec["batch"], spec["seq"]).to(device)
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+
+    bar = tqdm(total=len(modes) * (1 + spec["warmup"] + spec["steps"]), desc=f"{spec['model']} L={spec['seq']} paired",
+               unit="step", leave=False, file=sys.stderr, disable=spec.get("quiet", False))
+    first = {}
+    for mode in modes:
+        start = time.perf_counter()
+        step(mode)
+        sync()
+        first[mode] = time.perf_counter() - start
+        bar.update()
+    for _ in range(spec["warmup"]):
+        for mode in modes:
+            step(mode)
+            bar.update()
+    times = {mode: [] for mode in modes}
+    for i in range(spec["steps"]):
+        for mode in (modes if i % 2 == 0 else modes[::-1]):
+            sync()
+            start = now()
+            step(mode)
+            sync()
+            times[mode].append(now() - start)
+            bar.update()
+    bar.close()
+    a, b = modes
+    ratios = sorted(tb / ta for ta, tb in zip(times[a], times[b]))
+    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
+    return {"model": spec["model"], "seq": spec["seq"], "mode": "paired", "pair": modes, "times_s": times,
+            "median_s": {m: statistics.median(t) for m, t in times.items()}, "first_step_s": first,
+            "ratio_median": statistics.median(ratios), "ratio_low": q(0.25), "ratio_high": q(0.75),
+            "ratios": ratios, "losses": {m: runners[m][3] for m in modes}}
+
+
 def run_worker(spec: dict) -> dict:
+    if spec.get("pair"):
+        return run_paired(spec)
     import torch
     import warnings
 
@@ -270,18 +355,11 @@ def run_worker(spec: dict) -> dict:
         common.release_freed_memory()
 
     torch._dynamo.reset()
-    if mode == "eager":
-        fn = model
-    elif mode == "inductor":
-        fn = torch.compile(model, backend="inductor")
-    else:
+    if mode in BACKEND_MODES:
         import lora_pass
 
         lora_pass.reset()
-        options = {"mode": mode}
-        if mode == "auto" and spec.get("crossover") is not None:
-            options["crossover"] = spec["crossover"]
-        fn = torch.compile(model, backend="lowrank_lora", options=options)
+    fn = compile_mode(model, mode, spec)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
     losses = []
 
@@ -343,6 +421,7 @@ def run_worker(spec: dict) -> dict:
 
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per (model, L, mode) with the comparisons against eager and Inductor."""
+    runs = [r for r in runs if r["mode"] != "paired"]
     by_key = {(r["model"], r["seq"], r["mode"]): r for r in runs}
     rows = []
     for r in runs:
@@ -355,6 +434,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             "model": r["model"], "seq": r["seq"], "mode": r["mode"],
             "compile_s": r.get("compile_s"),
             "step_ms": None if t is None else 1000 * t,
+            "spread": (max(r["samples_s"]) - min(r["samples_s"])) / t if t and r.get("samples_s") else None,
             "tokens_per_s": r.get("tokens_per_s"),
             "vs_inductor": t / t_ind if t and t_ind else None,
             "peak_mem_mb": r.get("peak_mem_mb"),
@@ -373,18 +453,29 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def check_goals(rows: list[dict]) -> dict:
+def paired_rows(runs: list[dict]) -> list[dict]:
+    return [{"model": r["model"], "seq": r["seq"], "pair": "/".join(r["pair"][::-1]),
+             "ratio_median": r.get("ratio_median"), "ratio_low": r.get("ratio_low"), "ratio_high": r.get("ratio_high"),
+             "steps": len(r.get("ratios", [])), "error": r.get("error")}
+            for r in runs if r["mode"] == "paired"]
+
+
+def check_goals(rows: list[dict], paired: list[dict]) -> dict:
     out = {}
+    pct = f"{100 * (EXACT_GOAL - 1):.0f}%"
     for r in rows:
         if r["mode"] == "exact":
-            key = f"{r['model']} L={r['seq']}: exact step time within {100 * (EXACT_GOAL - 1):.0f}% of Inductor"
+            key = f"{r['model']} L={r['seq']}: exact step time within {pct} of Inductor (separate processes)"
             out[key] = None if r["vs_inductor"] is None else r["vs_inductor"] <= EXACT_GOAL
+    for r in paired:
+        key = f"{r['model']} L={r['seq']}: exact step time within {pct} of Inductor (one process, alternating steps)"
+        out[key] = None if r["ratio_median"] is None else r["ratio_median"] <= EXACT_GOAL
     return out
 
 
 HEADERS = {
     "model": "model", "seq": "L", "mode": "mode", "compile_s": "compile s", "step_ms": "step ms",
-    "tokens_per_s": "tokens/s", "vs_inductor": "x Inductor", "peak_mem_mb": "peak MiB",
+    "spread": "spread", "tokens_per_s": "tokens/s", "vs_inductor": "x Inductor", "peak_mem_mb": "peak MiB",
     "loss_after_n": "loss after N", "eager_loss_after_n": "eager loss", "grad_err": "grad rel err (step 0)",
     "lowrank_calls": "low-rank calls", "compiled_paths": "sites compiled", "max_bound": "max R",
     "other_load": "other load",
@@ -399,6 +490,8 @@ def render_table(rows: list[dict], fmt: str) -> str:
             return "failed"
         if key in ("grad_err",):
             return common.fmt_sci(value)
+        if key == "spread":
+            return "-" if value is None else f"{100 * value:.0f}%"
         if key in ("vs_inductor", "other_load", "max_bound"):
             return common.fmt(value, 3 if key != "other_load" else 2)
         if key in ("loss_after_n", "eager_loss_after_n"):
@@ -423,6 +516,7 @@ def write_markdown(path: Path, report: dict, rows: list[dict]) -> None:
         "",
         *common.environment_lines(report["environment"]),
         f"* models: {', '.join(s['models'])} ({'weights from ' + s['weights'] if s['weights'] else 'random weights from the published configs'}"
+        f"{'; opt-tiny is a 2-layer toy config (hidden 32, head dim 16), not a published size' if 'opt-tiny' in s['models'] else ''}"
         f"{', first ' + str(s['layers']) + ' layers' if s['layers'] else ''}"
         f"{', q/k base weights x ' + str(s['bounded']) if s['bounded'] != 1.0 else ''}), attention `{s['attn']}`,"
         f" position table {report['max_positions'] or 2048}",
@@ -433,8 +527,9 @@ def write_markdown(path: Path, report: dict, rows: list[dict]) -> None:
         f"each (model, L, mode) in a fresh process with {'a warm' if s['warm_cache'] else 'an empty'} Inductor cache",
         "",
         "Columns: `compile s` is the first step minus a median step (Dynamo, AOTAutograd and Inductor, forward and",
-        "backward). `x Inductor` is the step time over plain `torch.compile` (Inductor) at the same size. `peak MiB` is",
-        "the growth of resident memory over one step above what is live before it (CPU; allocated memory on CUDA).",
+        "backward). `spread` is (slowest - fastest) / median of the timed steps. `x Inductor` is the step time over",
+        "plain `torch.compile` (Inductor) at the same size. `peak MiB` is the growth of resident memory over one",
+        "step above what is live before it (CPU; allocated memory on CUDA).",
         "`loss after N` is the training loss on batch N, after N AdamW steps; every mode sees the same batches.",
         "`grad rel err` is max over LoRA parameters of ||g - g64|| / ||g64|| at step 0, against a float64 eager copy on",
         "the same batch (PEFT starts lora_B at 0, so the lora_A gradients are exactly 0 at step 0 and the error is",
@@ -450,10 +545,18 @@ def write_markdown(path: Path, report: dict, rows: list[dict]) -> None:
            "the cores other processes kept busy while the steps were timed. Medians, not means."]),
         "",
         render_table(rows, "github"),
-        "",
-        "## Goals",
-        "",
     ]
+    if report["paired"]:
+        lines += ["", "## exact against Inductor in one process", "",
+                  "Both compiled models (same weights, same batches) live in one worker and their steps alternate",
+                  "(A B B A ...), so slow changes in the load of the machine hit both alike. Ratio of step times",
+                  "exact / Inductor per pair of steps: median and interquartile range.", "",
+                  "| model | L | steps | exact / Inductor | IQR |", "|---|---|---|---|---|"]
+        for r in report["paired"]:
+            lines.append(f"| {r['model']} | {r['seq']} | {r['steps']} | {common.fmt(r['ratio_median'], 3)} | "
+                         f"{common.fmt(r['ratio_low'], 3)} to {common.fmt(r['ratio_high'], 3)} |" if not r["error"] else
+                         f"| {r['model']} | {r['seq']} | - | failed: {r['error']} | |")
+    lines += ["", "## Goals", ""]
     for name, ok in report["goals"].items():
         lines.append(f"* {'yes' if ok else 'no' if ok is not None else 'not measured'}: {name}")
     errors = [r for r in rows if r["error"]]
@@ -467,7 +570,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None, help=f"OPT sizes (default {' '.join(MODELS)}; also opt-tiny)")
     p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default 128 512; --long: 4096 16384)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES),
+                   help="modes compared in separate processes (default all; none with --paired: the paired run only)")
     p.add_argument("--steps", type=int, default=None, help="timed steps N (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after the compiling one (default 1)")
     p.add_argument("--batch", type=int, default=1)
@@ -493,10 +597,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="opt-125m at L = 128, 2 steps, no warm-up, warm Inductor cache")
     p.add_argument("--warm-cache", action="store_true", help="reuse the Inductor cache (compile times not cold)")
     p.add_argument("--no-reference", action="store_true", help="skip the float64 gradient reference")
+    p.add_argument("--paired", type=int, default=0, metavar="STEPS",
+                   help="also time exact against Inductor in one process, STEPS alternating steps each (default 0: off)")
     p.add_argument("--wait-idle", type=float, default=None,
                    help="before each configuration wait up to this many seconds for other processes to go idle (default 20; --quick 0)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
     p.add_argument("--out", type=Path, default=None, help="default bench/results/<machine>/")
+    p.add_argument("--name", default=None, help="file stem of the results (default opt_finetune, or opt_finetune_long)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress bars")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -518,6 +625,8 @@ def parse_args(argv=None):
         p.error("--weights loads one checkpoint: give one --models name for the table")
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if not args.modes and not args.paired:
+        p.error("nothing to run: give --modes or --paired")
     return args
 
 
@@ -554,16 +663,18 @@ def main(argv=None):
                 torch.save(ids, streams[vocab])
             for seq in args.seqs:
                 ref = None if args.no_reference else str(Path(tmp) / f"ref_{name}_{seq}.pt")
+                base = {
+                    "model": name, "seq": seq, "device": device, "batch": args.batch,
+                    "lora": args.lora, "r": args.r, "alpha": args.alpha, "lr": args.lr, "attn": args.attn,
+                    "weights": args.weights, "max_positions": args.max_positions, "layers": args.layers,
+                    "bounded": args.bounded, "crossover": args.crossover, "seed": args.seed,
+                    "steps": args.steps, "warmup": args.warmup, "tokens": str(streams[vocab]),
+                    "threads": args.threads, "clock": args.clock, "quiet": args.quiet,
+                }
                 for i, mode in enumerate(modes):
-                    specs.append({
-                        "model": name, "seq": seq, "mode": mode, "device": device, "batch": args.batch,
-                        "lora": args.lora, "r": args.r, "alpha": args.alpha, "lr": args.lr, "attn": args.attn,
-                        "weights": args.weights, "max_positions": args.max_positions, "layers": args.layers,
-                        "bounded": args.bounded, "crossover": args.crossover, "seed": args.seed,
-                        "steps": args.steps, "warmup": args.warmup, "tokens": str(streams[vocab]),
-                        "threads": args.threads, "clock": args.clock,
-                        "reference_out": ref if i == 0 else None, "reference_in": ref, "quiet": args.quiet,
-                    })
+                    specs.append({**base, "mode": mode, "reference_out": ref if i == 0 else None, "reference_in": ref})
+                if args.paired:
+                    specs.append({**base, "mode": "paired", "pair": ["inductor", "exact"], "steps": args.paired})
         bar = tqdm(specs, unit="config", desc="configurations")
         for spec in bar:
             bar.set_description(f"{spec['model']} L={spec['seq']} {spec['mode']}")
@@ -573,6 +684,9 @@ def main(argv=None):
             run = {"model": spec["model"], "seq": spec["seq"], "mode": spec["mode"], **run, "waited_for_idle_s": waited}
             if "error" in run:
                 tqdm.write(f"failed: {spec['model']} L={spec['seq']} {spec['mode']}: {run['error']}")
+            elif spec["mode"] == "paired":
+                tqdm.write(f"{spec['model']} L={spec['seq']} exact/Inductor, alternating steps: {run['ratio_median']:.3f} "
+                           f"(IQR {run['ratio_low']:.3f} to {run['ratio_high']:.3f})")
             else:
                 tqdm.write(f"{spec['model']} L={spec['seq']} {spec['mode']}: {1000 * run['time_s']:.0f} ms/step, "
                            f"compile {common.fmt(run.get('compile_s'))} s, grad err {common.fmt_sci(run.get('grad_err'))}")
@@ -590,14 +704,16 @@ def main(argv=None):
         "rows": rows,
         "runs": runs,
     }
-    report["goals"] = check_goals(rows)
+    report["paired"] = paired_rows(runs)
+    report["goals"] = check_goals(rows, report["paired"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_json(out_dir / "opt_finetune.json", report)
-    write_markdown(out_dir / "opt_finetune.md", report, rows)
+    stem = args.name or ("opt_finetune_long" if args.long else "opt_finetune")
+    common.write_json(out_dir / f"{stem}.json", report)
+    write_markdown(out_dir / f"{stem}.md", report, rows)
     print(render_table(rows, "simple"))
     for name, ok in report["goals"].items():
         print(f"{'yes' if ok else 'no' if ok is not None else 'n/a':>4}  {name}")
-    print(f"wrote {out_dir / 'opt_finetune.json'} and {out_dir / 'opt_finetune.md'}")
+    print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
 
 
 def _checkpoint_vocab(path: str) -> int:

@@ -69,23 +69,40 @@ def reference(q, k, v, dout, *, scale: float, causal: bool) -> dict:
     return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
+_OPS = {}  # path -> the op, opaque to Dynamo; read by the two entry points below
+
+
+def _exact_entry(a, b, c):
+    return _OPS["exact"](a, b, c)
+
+
+def _lowrank_entry(a, b, c):
+    return _OPS["lowrank"](a, b, c)
+
+
 def make_path(paths: str, cfg_kw: dict, compile_mode: str):
-    """fn(q, k, v) -> out through the guarded op with `paths` compiled in, eager or by Inductor."""
+    """fn(q, k, v) -> out through the guarded op with `paths` compiled in, eager or by Inductor.
+
+    Each path gets its own entry function: Dynamo caches compiled code per code object and does
+    not guard on what an allow_in_graph function captures, so one shared wrapper compiled for
+    both paths would silently run the first path's graph for the second.
+    """
     import torch
 
     from lora_pass.ops.attention import AttentionConfig, guarded_attention
 
     cfg = AttentionConfig(paths=paths, **cfg_kw)
 
-    # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the route of the op
-    # that the backend inserts into a Dynamo graph (as in bench/attention.py).
-    @torch.compiler.allow_in_graph
-    def attention(a, b, c):
+    def op(a, b, c):
         return guarded_attention(a, b, c, cfg)
 
     if compile_mode == "eager":
-        return lambda a, b, c: guarded_attention(a, b, c, cfg)
-    return torch.compile(lambda a, b, c: attention(a, b, c), backend="inductor", fullgraph=True, dynamic=False)
+        return op
+    # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the route of the op
+    # that the backend inserts into a Dynamo graph (as in bench/attention.py).
+    _OPS[paths] = torch.compiler.allow_in_graph(op)
+    entry = {"exact": _exact_entry, "lowrank": _lowrank_entry}[paths]
+    return torch.compile(entry, backend="inductor", fullgraph=True, dynamic=False)
 
 
 def make_inputs(kind: str, shape, gen) -> dict:
@@ -213,7 +230,8 @@ def plot(path: Path, report: dict) -> bool:
     # left: error against R, one line per L, with the written bound and the guard's threshold
     grid = np.geomspace(min(bounds) / 1.5, max(bounds) * 1.5, 200)
     ax0.axvspan(grid[0], rmax, color="tab:green", alpha=0.08, lw=0)
-    ax0.plot(grid, [max(error_bounds(r, s["degree"]).values()) for r in grid], "k--", lw=1.2,
+    bound = [max(error_bounds(r, s["degree"]).values()) for r in grid]
+    ax0.plot(grid, [b if math.isfinite(b) else np.nan for b in bound], "k--", lw=1.2,
              label=f"written bound, degree {s['degree']}")
     for j, kind in enumerate(kinds):
         kb = {(c["length"], c["bound"]): c for c in report["cells"] if c["inputs"] == kind}
@@ -225,8 +243,8 @@ def plot(path: Path, report: dict) -> bool:
     ax0.plot(bounds, floor, ":", color="0.5", label="exact path (float32)")
     ax0.axhline(tol, color="tab:red", lw=1, label=f"tolerance {tol}")
     ax0.axvline(rmax, color="tab:green", lw=1.5, label=f"guard R_max = {rmax:.3f}")
-    top = max([1e2] + [c["lowrank_max_error"] * 3 for c in report["cells"]])
-    ax0.set_ylim(top=top)
+    errs = [c[f"{p}_max_error"] for c in report["cells"] for p in ("lowrank", "exact") if c[f"{p}_max_error"] > 0]
+    ax0.set_ylim(min(errs + [tol]) / 3, max(errs + [10.0]) * 3)
     ax0.set(xscale="log", yscale="log", xlabel="logit bound R", ylabel="max normalised error (out, dQ, dK, dV)",
             title="Accuracy: error of the low-rank path vs R")
     ax0.legend(fontsize=8, loc="lower right")
@@ -296,7 +314,6 @@ def headline(report: dict) -> list[str]:
     lines = [f"* guard threshold R_max = {rmax:.4f} (degree {report['settings']['degree']}, tolerance {tol})"]
     for kind in report["settings"]["inputs"]:
         cells = [c for c in report["cells"] if c["inputs"] == kind]
-        ok = [c for c in cells if c["within_tolerance"]]
         lines.append(
             f"* {kind} inputs: every cell with R <= R_max within tolerance: "
             f"{all(c['within_tolerance'] for c in cells if c['guard_passes'])}; largest R within tolerance at every L: "
@@ -326,7 +343,7 @@ def write_markdown(path: Path, report: dict, png: bool) -> None:
         f"{'compiled by Inductor' if s['compile'] == 'inductor' else 'eager (not compiled)'}; "
         f"time: median of {s['repeats']} sample(s), {'CPU time, ' if s['clock'] == 'cpu' else 'wall clock, '}"
         f"{s['threads'] or report['environment']['threads']} thread(s)",
-        f"* compile time (first forward + backward), s: "
+        "* compile time (first forward + backward), s: "
         + ", ".join(f"L={length}: exact {c['exact']:.1f}, lowrank {c['lowrank']:.1f}" for length, c in report["compile_s"].items()),
         "",
         *headline(report),

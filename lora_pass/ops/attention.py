@@ -22,7 +22,7 @@ import torch
 from .. import compat
 from ..guard import norm_bound
 from .exact import exact_attention_backward, exact_attention_forward
-from .features import feature_tables
+from .features import FeatureTensors
 from .lowrank import lowrank_attention_backward, lowrank_attention_forward
 
 STATS_FIELDS = (
@@ -102,32 +102,34 @@ def _(stats, lowrank, grad):
     return None
 
 
-def _branches(cfg: AttentionConfig, has_weight: bool, head_dim: int):
+def _branches(cfg: AttentionConfig, has_weight: bool):
     """Forward and backward of both paths as functions of tensors only (cond operands).
 
-    The feature tables are computed here, outside the branches, so that a caller compiling
-    the op with Dynamo traces them as constants (see features.feature_tables).
+    Operands after the fixed ones: the key weights (if any), then the feature tables
+    (features.FeatureTensors), which the op creates outside the branches.
     """
     kw = dict(scale=cfg.scale, causal=cfg.causal)
-    low = dict(kw, degree=cfg.degree, tables=feature_tables(head_dim, cfg.degree))
 
-    def weight(rest):
-        return rest[0] if has_weight else None
+    def split(rest):
+        weight = rest[0] if has_weight else None
+        return weight, FeatureTensors(rest[1:] if has_weight else rest)
 
     def lowrank_fwd(q, k, v, *rest):
-        out = lowrank_attention_forward(q, k, v, key_weight=weight(rest), **low)
+        w, tables = split(rest)
+        out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
         return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
 
     def exact_fwd(q, k, v, *rest):
-        out, lse = exact_attention_forward(q, k, v, key_weight=weight(rest), **kw)
+        out, lse = exact_attention_forward(q, k, v, key_weight=split(rest)[0], **kw)
         return out.contiguous(), lse.contiguous()
 
     def lowrank_bwd(dout, q, k, v, out, lse, *rest):
-        grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=weight(rest), **low)
+        w, tables = split(rest)
+        grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=w, degree=cfg.degree, tables=tables, **kw)
         return tuple(g.contiguous() for g in grads)
 
     def exact_bwd(dout, q, k, v, out, lse, *rest):
-        grads = exact_attention_backward(dout, q, k, v, out, lse, key_weight=weight(rest), **kw)
+        grads = exact_attention_backward(dout, q, k, v, out, lse, key_weight=split(rest)[0], **kw)
         return tuple(g.contiguous() for g in grads)
 
     return lowrank_fwd, exact_fwd, lowrank_bwd, exact_bwd
@@ -136,8 +138,9 @@ def _branches(cfg: AttentionConfig, has_weight: bool, head_dim: int):
 class GuardedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_weight, stats, cfg: AttentionConfig):
-        lowrank_fwd, exact_fwd, _, _ = _branches(cfg, key_weight is not None, q.shape[-1])
+        lowrank_fwd, exact_fwd, _, _ = _branches(cfg, key_weight is not None)
         extra = () if key_weight is None else (key_weight,)
+        tables = tuple(FeatureTensors.build(q.shape[-1], cfg.degree, q.device)) if cfg.paths != "exact" else ()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if cfg.paths == "exact":
             pred = torch.zeros((), dtype=torch.bool, device=q.device)
@@ -147,10 +150,10 @@ class GuardedAttention(torch.autograd.Function):
             bound = norm_bound(q, k, scale=cfg.scale, key_weight=key_weight)
             if cfg.paths == "lowrank":
                 pred = torch.ones((), dtype=torch.bool, device=q.device)
-                out, lse = lowrank_fwd(q, k, v, *extra)
+                out, lse = lowrank_fwd(q, k, v, *extra, *tables)
             else:
                 pred = bound <= cfg.r_max
-                out, lse = compat.cond(pred, lowrank_fwd, exact_fwd, (q, k, v, *extra))
+                out, lse = compat.cond(pred, lowrank_fwd, exact_fwd, (q, k, v, *extra, *tables))
         if stats is not None:
             record_forward(stats, bound, pred)
         ctx.cfg, ctx.has_weight, ctx.stats = cfg, key_weight is not None, stats
@@ -161,8 +164,9 @@ class GuardedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, pred, *extra = ctx.saved_tensors
         cfg = ctx.cfg
-        _, _, lowrank_bwd, exact_bwd = _branches(cfg, ctx.has_weight, q.shape[-1])
-        args = (dout.contiguous(), q, k, v, out, lse, *extra)
+        _, _, lowrank_bwd, exact_bwd = _branches(cfg, ctx.has_weight)
+        tables = tuple(FeatureTensors.build(q.shape[-1], cfg.degree, q.device)) if cfg.paths != "exact" else ()
+        args = (dout.contiguous(), q, k, v, out, lse, *extra, *tables)
         if cfg.paths == "exact":
             dq, dk, dv = exact_bwd(*args)
         elif cfg.paths == "lowrank":

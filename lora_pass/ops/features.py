@@ -59,12 +59,42 @@ def feature_tables(head_dim: int, degree: int):
     return _monomials(head_dim, degree), (_pair_table(head_dim) if degree >= 2 else None)
 
 
+class FeatureTensors(tuple):
+    """The tables as tensors: (idx_1, w_1, ..., idx_g, w_g[, pair_index, pair_coef]).
+
+    A flat tuple of tensors so that it can travel as cond operands: Inductor (2.13) does not
+    bind tensor constants created inside a cond subgraph, so the op creates these outside and
+    passes them in.
+    """
+
+    @classmethod
+    def build(cls, head_dim: int, degree: int, device) -> "FeatureTensors":
+        monomials, pairs = feature_tables(head_dim, degree)
+        out = []
+        for combos, weights in monomials:
+            out.append(torch.tensor(combos, dtype=torch.long, device=device).reshape(len(combos), -1))
+            out.append(torch.tensor(weights, dtype=torch.float64, device=device))
+        if pairs is not None:
+            out.append(torch.tensor(pairs[0], dtype=torch.long, device=device))
+            out.append(torch.tensor(pairs[1], dtype=torch.float64, device=device))
+        return cls(out)
+
+    def orders(self, degree):
+        return [(self[2 * j], self[2 * j + 1]) for j in range(degree)]
+
+    def pairs(self, degree):
+        return self[2 * degree], self[2 * degree + 1]
+
+
+def _as_tensors(x, degree, tables):
+    if isinstance(tables, FeatureTensors):
+        return tables
+    return FeatureTensors.build(x.shape[-1], degree, x.device)
+
+
 def _orders(x: torch.Tensor, degree: int, tables=None):
-    d = x.shape[-1]
-    monomials = (tables or feature_tables(d, degree))[0]
-    for combos, weights in monomials:
-        idx = torch.tensor(combos, dtype=torch.long, device=x.device).reshape(len(combos), -1)
-        yield idx, torch.tensor(weights, dtype=x.dtype, device=x.device)
+    for idx, w in _as_tensors(x, degree, tables).orders(degree):
+        yield idx, w.to(x.dtype)
 
 
 def taylor_features(x: torch.Tensor, degree: int, tables=None) -> torch.Tensor:
@@ -86,7 +116,7 @@ def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: in
     """
     dx = torch.zeros_like(x)
     offset = 1  # feature 0 is the constant 1
-    tables = tables or feature_tables(x.shape[-1], degree)
+    tables = _as_tensors(x, degree, tables)
     for idx, w in _orders(x, degree, tables):
         k_j, j = idx.shape
         g = grad_features[..., offset : offset + k_j] * w
@@ -97,10 +127,8 @@ def taylor_features_vjp(x: torch.Tensor, grad_features: torch.Tensor, degree: in
         if j == 2:
             # dx_a = sum_b c_ab g_(ab) x_b: a gather and a reduction that Inductor fuses into one
             # loop, O(rows d^2) instead of O(rows k d) for the general scatter below
-            index, coef = tables[1]
-            index = torch.tensor(index, dtype=torch.long, device=x.device)
-            coef = torch.tensor(coef, dtype=x.dtype, device=x.device)
-            dx = dx + (g[..., index] * coef * x[..., None, :]).sum(-1)
+            index, coef = tables.pairs(degree)
+            dx = dx + (g[..., index] * coef.to(x.dtype) * x[..., None, :]).sum(-1)
             continue
         factors = [x[..., idx[:, p]] for p in range(j)]
         for p in range(j):

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .features import feature_tables, taylor_features, taylor_features_vjp
+from .features import FeatureTensors, taylor_features, taylor_features_vjp
 from .naive import key_center, taylor_polynomial
 
 MIN_CHUNK = 256
@@ -44,7 +44,7 @@ class _Prepared:
     def __init__(self, q, k, v, scale, key_weight, center=None, degree=2, tables=None):
         cdt = compute_dtype(q.dtype)
         self.degree = degree
-        self.tables = tables or feature_tables(q.shape[-1], degree)
+        self.tables = tables if tables is not None else FeatureTensors.build(q.shape[-1], degree, q.device)
         b, hq, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         self.b, self.hkv, self.g, self.lq, self.lk, self.d = b, hkv, hq // hkv, lq, lk, d

@@ -115,3 +115,17 @@ def test_default_auto_mode_keeps_short_sequences_exact(batch):
         assert site.module.endswith(".self_attn")
         assert site.projections["q"].rank == 4 and site.projections["q"].scaling == 2.0
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_guarded_mode_with_several_chunks():
+    """L above the chunk size: the unrolled chunk loop inside both cond branches."""
+    length = 300
+    model = tiny_opt("sdpa", ("q_proj", "v_proj"), bounded=(0.02, 40.0), seq=length + 2)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 64, (1, length))
+    ref_loss, ref_grads = reference_step(model, ids)
+    _, loss, grads, _, telemetry = compile_and_step(model, ids, {"crossover": 0, "tolerance": TOL})
+    assert sorted(s["forward_lowrank"] for _, s in telemetry) == [0, 1]
+    assert rel_err(loss, ref_loss) <= TOL
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) <= TOL, name

@@ -175,8 +175,9 @@ def test_exact_kernels_match_reference(causal, mask, heads):
 
 @pytest.mark.parametrize("paths", ["guarded", "lowrank"])
 def test_op_compiles_directly_with_fullgraph(paths):
-    """Users may call the op in their own compiled code: Dynamo must trace it whole."""
-    q, k, v, _ = make_inputs(1, 4, 2, 40, 8, None, dtype=torch.float32, q_scale=0.1)
+    """Users may call the op in their own compiled code: Dynamo must trace it whole. Two chunks
+    (L > MIN_CHUNK, not a multiple of it) inside the cond branches."""
+    q, k, v, _ = make_inputs(1, 4, 2, lowrank.MIN_CHUNK + 44, 8, None, dtype=torch.float32, q_scale=0.05)
     cfg = AttentionConfig(scale=8**-0.5, causal=True, degree=2, r_max=0.5, paths=paths)
     compiled = torch.compile(lambda q, k, v: guarded_attention(q, k, v, cfg), fullgraph=True)
     a = tuple(t.clone().requires_grad_() for t in (q, k, v))
