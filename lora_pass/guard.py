@@ -107,12 +107,14 @@ def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key
 
 
 # --- cost model -------------------------------------------------------------------------------
-# Crossover sequence lengths for d = 64, g = 2 (rank 2,145), forward + backward, measured by
-# bench/attention.py (see bench/results/). Other (d, g) scale with the feature rank: the
-# low-rank cost is O(L k d) against O(L^2 d) for exact attention, so the crossover moves with k.
+# Crossover sequence lengths for d = 64, g = 2 (rank 2,145), forward + backward. CPU: measured by
+# bench/attention.py on one thread (bench/results/cpu-amd-epyc/attention.json, interpolated
+# between the measured lengths). CUDA: not measured yet; a FLOP-based placeholder until a GPU run
+# of bench/attention.py replaces it. Other (d, g) scale with the feature rank: the low-rank cost is
+# O(L k d) against O(L^2 d) for exact attention, so the crossover moves with k.
 CROSSOVER_D64_G2 = {
-    ("cpu", True): 4096,
-    ("cpu", False): 4096,
+    ("cpu", True): 12000,
+    ("cpu", False): 4200,
     ("cuda", True): 8192,
     ("cuda", False): 8192,
 }
