@@ -23,14 +23,11 @@ Writes `attention.json` and `attention.md` to --out (default bench/results/<mach
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import math
 import os
 import platform
-import re
-import resource
 import shlex
 import statistics
 import subprocess
@@ -39,9 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py; also puts the checkout on sys.path)
+from common import ROOT, device_name, machine_slug, wait_until_idle  # noqa: E402,F401
+
+_rss_mb, _reset_peak_rss, _release_freed_memory = common.rss_mb, common.reset_peak_rss, common.release_freed_memory
+_cpu_seconds, _machine_busy = common.cpu_seconds, common.machine_busy
 
 HEAD_DIM = 64
 DEGREE = 2
@@ -65,53 +65,14 @@ GOALS = {
 # --- worker: one (mode, causal, L) in its own process ---------------------------------------------
 
 
-def _rss_mb(field: str) -> float:
-    """VmRSS / VmHWM of this process in MiB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _release_freed_memory() -> None:
-    """Make RSS follow live tensors: big blocks are mmap'ed (unmapped on free) and the heap trimmed.
-
-    Without this glibc keeps freed blocks and a step that reuses them shows no RSS growth.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process), Linux."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
-def _machine_busy(seconds: float = 1.0) -> float:
-    """CPU cores kept busy by other processes over `seconds`."""
-    b0, s0 = _cpu_seconds()
-    time.sleep(seconds)
-    b1, s1 = _cpu_seconds()
-    return max(0.0, (b1 - b0) - (s1 - s0)) / seconds
 
 
 def _median_time(fn, repeats: int, sync, min_sample_s: float, clock: str, max_other: float = 0.25) -> dict:
@@ -264,34 +225,10 @@ def run_worker(spec: dict) -> dict:
 # --- driver -----------------------------------------------------------------------------------------
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return model
 
 
-def machine_slug(device: str) -> str:
-    """'cpu-amd-epyc-7b13', 'nvidia-h100-80gb-hbm3': a folder name for the results."""
-    name = device_name(device)
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", name, flags=re.I)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug if device == "cuda" else f"cpu-{slug}"
 
 
-def wait_until_idle(max_wait: float, threshold: float = 0.25) -> float:
-    """Wait (at most max_wait s) until other processes use under `threshold` cores; the wait."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_wait and _machine_busy(0.5) >= threshold:
-        pass
-    return time.perf_counter() - start
 
 
 def launch(spec: dict, timeout: float, warm_cache: bool) -> dict:
