@@ -30,7 +30,7 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     opts = Options.parse(options)
     capture = bool(_CAPTURE)
     before = _copy_graph(gm) if capture else None
-    record = rewrite_graph(gm, opts)
+    record = rewrite_graph(gm, opts, example_inputs)
     _RECORDS.append(record)
     for site in record.sites:
         module = gm.get_submodule(site.submodule)

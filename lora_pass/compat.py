@@ -8,6 +8,12 @@ from torch._inductor import list_mode_options  # noqa: F401  (re-exported)
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  (re-exported)
 
 
+def is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def register_backend_once(compiler_fn, name: str) -> None:
     """Register a backend unless Dynamo already has it or will load it from its entry point.
 

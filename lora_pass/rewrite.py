@@ -26,14 +26,15 @@ class AttentionSite(torch.nn.Module):
 
     With `paths == "exact"` the site keeps plain SDPA, so Inductor lowers it exactly as it
     would without the backend; with telemetry on, the bound R and the counters are added.
-    `norm_inputs` (telemetry only): x, W0, b, lora_A, lora_B of the q and k projections.
+    `norm_inputs` (telemetry only): x, W0, b, lora_A, lora_B of the q and k projections; W0 is
+    None where it is frozen, its norm then being measured once at compile time (`frozen_norms`).
     """
 
     def __init__(self, config: AttentionConfig, mask_kind: str, gqa: bool, device, telemetry: bool,
-                 lora_scaling=(None, None), post_scale=(1.0, 1.0)):
+                 lora_scaling=(None, None), post_scale=(1.0, 1.0), frozen_norms=(None, None)):
         super().__init__()
         self.config, self.mask_kind, self.gqa = config, mask_kind, gqa
-        self.lora_scaling, self.post_scale = lora_scaling, post_scale
+        self.lora_scaling, self.post_scale, self.frozen_norms = lora_scaling, post_scale, frozen_norms
         self.register_buffer("stats", new_stats(device) if telemetry else None, persistent=False)
 
     def forward(self, q, k, v, mask=None, *norm_inputs):
@@ -54,12 +55,14 @@ class AttentionSite(torch.nn.Module):
     def _composed_norms(self, xq, wq, bq, aq, bbq, xk, wk, bk, ak, bbk):
         """[input_norm, frozen_norm, lora_norm, composed_bound, lora_share] (see STATS_FIELDS)."""
         sides = []
-        for x, w, b, a, bb, s in ((xq, wq, bq, aq, bbq, self.lora_scaling[0]), (xk, wk, bk, ak, bbk, self.lora_scaling[1])):
-            x, w = x.detach().float(), w.detach().float()
+        pairs = ((xq, wq, bq, aq, bbq), (xk, wk, bk, ak, bbk))
+        for (x, w, b, a, bb), s, frozen in zip(pairs, self.lora_scaling, self.frozen_norms):
+            x = x.detach().float()
             xn = torch.linalg.vector_norm(x, dim=-1).amax()
-            wn = torch.linalg.matrix_norm(w)
-            un = torch.linalg.matrix_norm(s * (bb.detach().float() @ a.detach().float())) if a is not None else wn * 0
-            bn = torch.linalg.vector_norm(b.detach().float()) if b is not None else wn * 0
+            wn = torch.linalg.matrix_norm(w.detach().float()) if w is not None else x.new_tensor(frozen)
+            zero = xn * 0
+            un = _lowrank_frobenius(bb.detach().float(), a.detach().float(), s) if a is not None else zero
+            bn = torch.linalg.vector_norm(b.detach().float()) if b is not None else zero
             sides.append((xn, wn, un, bn))
         (xq, wq, uq, bq), (xk, wk, uk, bk) = sides
         factor = self.config.scale * abs(self.post_scale[0] * self.post_scale[1])
@@ -67,6 +70,11 @@ class AttentionSite(torch.nn.Module):
         frozen_only = factor * (xq * wq + bq) * (xk * wk + bk)
         share = 1 - frozen_only / composed
         return torch.stack([xq * xk, wq * wk, (wq + uq) * (wk + uk) - wq * wk, composed, share])
+
+
+def _lowrank_frobenius(b, a, scaling):
+    """||scaling * B A||_F without the d_out x d_in product: ||BA||_F^2 = sum((B^T B) * (A A^T))."""
+    return abs(scaling) * torch.sqrt(((b.T @ b) * (a @ a.T)).sum().clamp_min(0))
 
 
 def _key_weight(mask, k):
@@ -178,9 +186,15 @@ def _candidates(graph: fx.Graph):
                 break
 
 
-def rewrite_graph(gm: fx.GraphModule, opts: Options) -> GraphRecord:
-    """Rewrite every qualifying site of `gm` in place; never raises for a single site."""
+def rewrite_graph(gm: fx.GraphModule, opts: Options, example_inputs=()) -> GraphRecord:
+    """Rewrite every qualifying site of `gm` in place; never raises for a single site.
+
+    `example_inputs` (the backend's, in placeholder order) lets the telemetry measure frozen
+    weights once at compile time.
+    """
     before = gm.code
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, example_inputs)) if len(example_inputs) == len(placeholders) else {}
     sites, skipped = [], []
     for cand in list(_candidates(gm.graph)):
         try:
@@ -190,7 +204,7 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options) -> GraphRecord:
                 log.info("lowrank_lora: skip %s (%s): %s", planned.module, planned.family, planned.reason)
                 continue
             site, mask_kind = planned
-            _replace(gm, cand, site, mask_kind, opts)
+            _replace(gm, cand, site, mask_kind, opts, values)
             sites.append(site)
             log.info("lowrank_lora: rewrite %s (%s) paths=%s: %s", site.module, site.family, site.paths, site.decision)
         except Exception as exc:  # a failure at one site leaves it exact; the compile goes on
@@ -205,15 +219,27 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options) -> GraphRecord:
     return GraphRecord(sites, skipped, before, gm.code if sites else before)
 
 
-def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, opts: Options):
+def _frozen_norm(node, values):
+    """Frobenius norm of a frozen weight measured now, or None (trainable, or no real value)."""
+    value = values.get(node)
+    if not isinstance(value, torch.Tensor) or value.requires_grad or compat.is_fake(value):
+        return None
+    return float(torch.linalg.matrix_norm(value.detach().float()))
+
+
+def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, opts: Options, values=None):
     qv = matcher.meta_value(cand.q)
     config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths)
     pq, pk = site.projections["q"], site.projections["k"]
+    telemetry_norms = opts.telemetry and pq.nodes and pk.nodes
+    frozen = tuple(_frozen_norm(p.nodes["weight"], values or {}) if telemetry_norms else None for p in (pq, pk))
     module = AttentionSite(config, mask_kind, site.heads != site.kv_heads, qv.device, opts.telemetry,
-                           lora_scaling=(pq.scaling, pk.scaling), post_scale=(pq.post_scale, pk.post_scale))
+                           lora_scaling=(pq.scaling, pk.scaling), post_scale=(pq.post_scale, pk.post_scale),
+                           frozen_norms=frozen)
     # The compiled-graph caches key on the graph's code, not on this module's attributes:
-    # naming the submodule after its configuration keeps two configurations apart.
-    digest = hashlib.sha256(repr((config, mask_kind, opts.telemetry)).encode()).hexdigest()[:10]
+    # naming the submodule after its configuration (frozen norms included: they are traced in
+    # as constants) keeps two configurations apart.
+    digest = hashlib.sha256(repr((config, mask_kind, opts.telemetry, frozen)).encode()).hexdigest()[:10]
     name = f"lowrank_lora_site_{site.index}_{digest}"
     while hasattr(gm, name):
         name += "_"
@@ -222,9 +248,10 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, 
         compat.register_graph_buffer(gm, f"{name}.stats")
     site.submodule = name
     args = (cand.q, cand.k, cand.v, cand.mask if mask_kind == "padding" else None)
-    if opts.telemetry and pq.nodes and pk.nodes:
-        keys = ("x", "weight", "bias", "lora_a", "lora_b")
-        args += tuple(p.nodes.get(key) for p in (pq, pk) for key in keys)
+    if telemetry_norms:
+        for p, norm in zip((pq, pk), frozen):
+            weight = None if norm is not None else p.nodes["weight"]
+            args += (p.nodes["x"], weight, p.nodes.get("bias"), p.nodes.get("lora_a"), p.nodes.get("lora_b"))
     for proj in site.projections.values():  # the record keeps plain data, no graph nodes
         proj.nodes = {}
     out_value = matcher.meta_value(cand.output)
