@@ -23,22 +23,15 @@ Writes `attention.json` and `attention.md` to --out (default bench/results/<mach
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py; also puts the checkout on sys.path)
-from common import ROOT, device_name, machine_slug, wait_until_idle  # noqa: E402,F401
+from common import ROOT, machine_slug, wait_until_idle  # noqa: E402
 
 _rss_mb, _reset_peak_rss, _release_freed_memory = common.rss_mb, common.reset_peak_rss, common.release_freed_memory
 _cpu_seconds, _machine_busy = common.cpu_seconds, common.machine_busy
@@ -50,7 +43,6 @@ DEFAULT_LENGTHS = [1024 * 2**i for i in range(6)]  # 1,024 .. 32,768
 QUICK_LENGTHS = [256, 512]
 MODES = ("exact", "lowrank")
 MIN_SAMPLE_S = 0.1  # a timing sample repeats short calls up to this long
-RESULT_TAG = "@@result@@"  # marks the worker's JSON line on stdout
 
 # Targets the low-rank path is meant to meet (checked and reported, never enforced).
 GOALS = {
@@ -75,53 +67,6 @@ GOALS = {
 
 
 
-def _median_time(fn, repeats: int, sync, min_sample_s: float, clock: str, max_other: float = 0.25) -> dict:
-    """Median seconds per call over `repeats` samples.
-
-    A sample loops until min_sample_s. With the wall clock, a sample during which other
-    processes kept more than `max_other` cores busy is set aside and taken again (while the
-    retries cost less than 2 x repeats samples or 30 s): with OpenMP threads competing for cores
-    a call can take several times longer. The CPU clock (this process's CPU time, meant for one
-    thread) needs no retries: time slices given to other processes do not count.
-    """
-    now = time.process_time if clock == "cpu" else time.perf_counter
-    if clock == "cpu":
-        max_other = math.inf
-    tick = 1 / os.sysconf("SC_CLK_TCK")
-    clean, dirty, other_total, clean_time = [], [], 0.0, 0.0
-    retry_budget, retried = None, 0.0
-    while len(clean) < repeats and len(dirty) < 10 * repeats:
-        if retry_budget is not None and retried > retry_budget:
-            break
-        busy0, own0 = _cpu_seconds()
-        calls, start, wall_start = 0, now(), time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            sync()
-            elapsed = now() - start
-            if elapsed >= min_sample_s:
-                break
-        wall = time.perf_counter() - wall_start
-        busy1, own1 = _cpu_seconds()
-        other = max(0.0, (busy1 - busy0) - (own1 - own0))
-        if other <= max_other * wall + 2 * tick:  # two ticks: /proc/stat resolution
-            clean.append(elapsed / calls)
-            other_total, clean_time = other_total + other, clean_time + wall
-        else:
-            dirty.append(elapsed / calls)
-            retried += elapsed + 1.0
-            time.sleep(1.0)
-        if retry_budget is None:
-            retry_budget = max(30.0, 2 * repeats * elapsed)
-    samples = clean or dirty
-    return {
-        "time_s": statistics.median(samples),
-        "samples_s": samples,
-        "discarded_samples_s": dirty,
-        "other_load": other_total / clean_time if clean else None,
-        "contended": not clean,
-    }
 
 
 def _peak_step_memory(step, sync, cuda, device, base_rss) -> tuple[float, str]:
@@ -151,7 +96,8 @@ def _compile_and_time(step, spec, sync, min_sample_s) -> dict:
     for _ in range(spec["warmup"]):
         step()
     sync()
-    return {"compile_s": compile_s, **_median_time(step, spec["repeats"], sync, min_sample_s, spec["clock"])}
+    return {"compile_s": compile_s, **common.timed_samples(step, spec["repeats"], sync, clock=spec["clock"],
+                                                            min_sample_s=min_sample_s)}
 
 
 def run_worker(spec: dict) -> dict:
@@ -233,26 +179,9 @@ def run_worker(spec: dict) -> dict:
 
 def launch(spec: dict, timeout: float, warm_cache: bool) -> dict:
     """Run one configuration in a fresh interpreter; on failure return the error instead."""
-    env = dict(os.environ)
-    if spec["threads"]:  # also for the OpenMP loops of Inductor's C++ kernels
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    with tempfile.TemporaryDirectory(prefix="lora_pass_bench_") as cache:
-        if not warm_cache:
-            env["TORCHINDUCTOR_CACHE_DIR"] = cache
-            env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {**_key(spec), "error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - start
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return {**json.loads(line[len(RESULT_TAG):]), "wall_s": wall}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {**_key(spec), "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    result = common.launch(Path(__file__), spec, timeout=timeout, warm_cache=warm_cache, show_progress=False,
+                           threads=spec["threads"])
+    return {**_key(spec), **result} if "error" in result else result
 
 
 def _key(spec):
@@ -473,7 +402,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        common.worker_main(run_worker, args.worker)
         return
 
     import torch
@@ -511,12 +440,7 @@ def main(argv=None):
     for causal in causals:
         cross["causal" if causal else "non_causal"] = crossover(rows, causal)
     report = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "device_name": device_name(device),
+        **common.environment(device),
         "threads": next((r["threads"] for r in runs if "threads" in r), None),
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "interrupted": interrupted,
