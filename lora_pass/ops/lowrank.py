@@ -74,7 +74,7 @@ class _Prepared:
         return taylor_features_vjp(x, grad, self.degree, self.tables)
 
 
-def _key_features(p: _Prepared, start, stop, degree):
+def _key_features(p: _Prepared, start, stop):
     pk = p.features(p.kt[:, :, start:stop])
     w = p.key_weight(start, stop)
     return pk if w is None else pk * w
@@ -85,22 +85,22 @@ def _intra_mask(p: _Prepared, rows, dtype, device):
     return tril.repeat(p.g, 1)  # [G * rows, rows]
 
 
-def _intra_weights(p: _Prepared, qt_c, kt_c, start, stop, degree):
+def _intra_weights(p: _Prepared, qt_c, kt_c, start, stop):
     """Masked exact polynomial inside a causal chunk: S, the mask and A = P_g(S) * mask."""
     s = qt_c @ kt_c.transpose(-1, -2)
     m = _intra_mask(p, stop - start, s.dtype, s.device)
     w = p.key_weight(start, stop)
     if w is not None:
         m = m * w.transpose(-1, -2)
-    return s, m, taylor_polynomial(s, degree) * m
+    return s, m, taylor_polynomial(s, p.degree) * m
 
 
-def _states(p: _Prepared, degree, chunk):
+def _states(p: _Prepared, chunk):
     """H = sum_j Phi(kt_j) v_j^T and z = sum_j Phi(kt_j), accumulated over key chunks."""
     h = z = None
     for start in range(0, p.lk, chunk):
         stop = min(start + chunk, p.lk)
-        pk = _key_features(p, start, stop, degree)
+        pk = _key_features(p, start, stop)
         dh, dz = pk.transpose(-1, -2) @ p.v[:, :, start:stop], pk.sum(-2)
         h = dh if h is None else h + dh
         z = dz if z is None else z + dz
@@ -117,7 +117,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
     chunk = chunk or chunk_size(max(p.lq, p.lk, 1), causal)
     outs = []
     if not causal:
-        h, z = _states(p, degree, chunk)
+        h, z = _states(p, chunk)
         for start in range(0, p.lq, chunk):
             stop = min(start + chunk, p.lq)
             pq = p.features(p.q_rows(p.qt, start, stop))
@@ -127,9 +127,9 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
         for start in range(0, p.lq, chunk):
             stop = min(start + chunk, p.lq)
             qt_c, kt_c, v_c = p.q_rows(p.qt, start, stop), p.kt[:, :, start:stop], p.v[:, :, start:stop]
-            _, _, a = _intra_weights(p, qt_c, kt_c, start, stop, degree)
+            _, _, a = _intra_weights(p, qt_c, kt_c, start, stop)
             num, den = a @ v_c, a.sum(-1, keepdim=True)
-            pk = _key_features(p, start, stop, degree)
+            pk = _key_features(p, start, stop)
             if h is not None:
                 pq = p.features(qt_c)
                 num = num + pq @ h.to(num.dtype)
@@ -152,7 +152,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
     o = out.to(cdt).view(p.qt.shape)
     dqs, dks, dvs = [], [], []
     if not causal:
-        h, z = _states(p, degree, chunk)
+        h, z = _states(p, chunk)
         dh = dz = None
         for start in range(0, p.lq, chunk):
             stop = min(start + chunk, p.lq)
@@ -166,21 +166,21 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dz = g_z if dz is None else dz + g_z
         for start in range(0, p.lk, chunk):
             stop = min(start + chunk, p.lk)
-            dk_c, dv_c = _key_grads(p, start, stop, degree, dh, dz)
-            dks.append(dk_c)
+            dkt_c, dv_c = _key_grads(p, start, stop, dh, dz)
+            dks.append(dkt_c * p.root)
             dvs.append(dv_c)
     else:
-        h_total, z_total = (t.double() for t in _states(p, degree, chunk))
+        h_total, z_total = (t.double() for t in _states(p, chunk))
         h_suffix = z_suffix = None  # sum of the states of chunk c and later (float64)
         dh = dz = None  # gradient reaching the keys of chunks before the current one
         for start in reversed(range(0, p.lq, chunk)):
             stop = min(start + chunk, p.lq)
             qt_c, kt_c, v_c = p.q_rows(p.qt, start, stop), p.kt[:, :, start:stop], p.v[:, :, start:stop]
-            pk = _key_features(p, start, stop, degree)
+            pk = _key_features(p, start, stop)
             g_h, g_z = (pk.transpose(-1, -2) @ v_c).double(), pk.sum(-2).double()
             h_suffix = g_h if h_suffix is None else h_suffix + g_h
             z_suffix = g_z if z_suffix is None else z_suffix + g_z
-            s, m, a = _intra_weights(p, qt_c, kt_c, start, stop, degree)
+            s, m, a = _intra_weights(p, qt_c, kt_c, start, stop)
             den = a.sum(-1, keepdim=True)
             if start > 0:
                 h_prev, z_prev = (h_total - h_suffix).to(cdt), (z_total - z_suffix).to(cdt)
@@ -188,7 +188,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 den = den + pq @ z_prev[..., None]
             dn, dden = _output_grads(p, den, do, o, start, stop)
             # inside the chunk: exact polynomial, P_g' = P_{g-1}
-            ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, degree - 1)
+            ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
             dqt_c = ds @ kt_c
             dkt_c = ds.transpose(-1, -2) @ qt_c
             dv_c = a.transpose(-1, -2) @ dn
@@ -196,8 +196,8 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 dpq = dn @ h_prev.transpose(-1, -2) + dden * z_prev[..., None, :]
                 dqt_c = dqt_c + p.features_vjp(qt_c, dpq)
             if dh is not None:  # keys of this chunk feed the states of every later chunk
-                dk_inter, dv_inter = _key_grads(p, start, stop, degree, dh, dz, pk=pk)
-                dkt_c = dkt_c + dk_inter / p.root
+                dkt_inter, dv_inter = _key_grads(p, start, stop, dh, dz, pk=pk)
+                dkt_c = dkt_c + dkt_inter
                 dv_c = dv_c + dv_inter
             if start > 0:
                 g_h, g_z = pq.transpose(-1, -2) @ dn, (pq * dden).sum(-2)
@@ -221,14 +221,14 @@ def _output_grads(p: _Prepared, den, do, o, start, stop):
     return dn, dden
 
 
-def _key_grads(p: _Prepared, start, stop, degree, dh, dz, pk=None):
-    """dk, dv of keys start:stop from the state gradients dH [.., k, D] and dz [.., k]."""
+def _key_grads(p: _Prepared, start, stop, dh, dz, pk=None):
+    """d(kt), dv of keys start:stop from the state gradients dH [.., k, D] and dz [.., k]."""
     kt_c = p.kt[:, :, start:stop]
     if pk is None:
-        pk = _key_features(p, start, stop, degree)
+        pk = _key_features(p, start, stop)
     dpk = p.v[:, :, start:stop] @ dh.transpose(-1, -2) + dz[..., None, :]
     dv_c = pk @ dh
     w = p.key_weight(start, stop)
     if w is not None:
         dpk = dpk * w
-    return p.features_vjp(kt_c, dpk) * p.root, dv_c
+    return p.features_vjp(kt_c, dpk), dv_c
