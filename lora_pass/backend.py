@@ -67,7 +67,7 @@ def _compile_capturing(gm, before, example_inputs, record, patches):
         record.aot_after[name] = graph.print_readable(print_output=False)
         return inner(graph, inputs, **kwargs)
 
-    with compat.force_eager_backward_compile():
+    with compat.fresh_aot_compile():
         compiled = compat.compile_fx(gm, example_inputs, inner_compile=recording_inner, config_patches=patches or None)
     if not record.sites:
         record.aot_before = dict(record.aot_after)

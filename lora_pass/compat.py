@@ -159,6 +159,17 @@ def force_eager_backward_compile():
     return functorch_config.patch(force_non_lazy_backward_lowering=True)
 
 
+def fresh_aot_compile():
+    """AOTAutograd traces and lowers both graphs now, bypassing its on-disk cache.
+
+    A cache hit returns compiled code without calling the inner compiler, so a graph recorded
+    there would be missing; inspection needs the graphs themselves.
+    """
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False)
+
+
 def aot_trace_graphs(gm, example_inputs):
     """The forward and backward AOTAutograd graphs of `gm`, as code, without Inductor."""
     from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func

@@ -58,6 +58,7 @@ def test_report_graphs_before_and_after(report):
     assert "cond" in rep.graphs["forward_after"] and "cond" in rep.graphs["backward_after"]
 
 
+
 def test_report_saved_files_parse_back(report):
     _, rep, out = report
     data = json.loads((out / "sites.json").read_text())
@@ -117,13 +118,20 @@ def _run(args, env=None, timeout=600):
 
 
 def test_cli_end_to_end(tmp_path):
-    out = _run(["-m", "lora_pass", "inspect", "--model", "opt-tiny", "--seq-len", "24", "--lora", "q,v",
-                "--attn", "eager", "--mode", "lowrank", "--out", str(tmp_path)])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 rewritten attention site(s)" in out.stdout
-    data = json.loads((tmp_path / "sites.json").read_text())
-    assert [s["path"] for s in data["sites"]] == ["lowrank", "lowrank"]
-    assert (tmp_path / "region_0.graphml").exists() and (tmp_path / "graphs" / "backward_after.py").exists()
+    # twice on one fresh compile cache: the second run hits AOTAutograd's on-disk cache, which
+    # returns compiled code without tracing, and must still report the graphs after the rewrite
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    for run in ("cold", "warm"):
+        out_dir = tmp_path / run
+        out = _run(["-m", "lora_pass", "inspect", "--model", "opt-tiny", "--seq-len", "24", "--lora", "q,v",
+                    "--attn", "eager", "--mode", "lowrank", "--out", str(out_dir)], env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "2 rewritten attention site(s)" in out.stdout
+        data = json.loads((out_dir / "sites.json").read_text())
+        assert [s["path"] for s in data["sites"]] == ["lowrank", "lowrank"]
+        assert (out_dir / "region_0.graphml").exists()
+        for name in ("forward_after", "backward_after"):
+            assert "record_" in (out_dir / "graphs" / f"{name}.py").read_text(), (run, name)
 
 
 @pytest.mark.parametrize("flags,message", [
