@@ -579,7 +579,9 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attn_implementation (default sdpa)")
+    p.add_argument("--attn", choices=("sdpa", "eager", "softmax1"), default="sdpa",
+                   help="attn_implementation (default sdpa); softmax1: outlier-free OPT (softmax_1 attention), "
+                        "the paper's comparison of standard and outlier-free OPT")
     p.add_argument("--data", choices=("text", "random"), default="text", help="token stream (default: English text)")
     p.add_argument("--weights", metavar="PATH", help="local OPT checkpoint directory (one model)")
     p.add_argument("--long", action="store_true",

@@ -2,6 +2,7 @@
 
     python examples/quickstart.py                     # random-weight OPT, about a minute on 2 CPU cores
     python examples/quickstart.py --attn eager        # the explicit matmul-softmax-matmul pattern
+    python examples/quickstart.py --attn softmax1     # outlier-free OPT: softmax_1 attention
     python examples/quickstart.py --mode exact        # every site compiled exact
     python examples/quickstart.py --weights PATH      # a local OPT checkpoint instead of random weights
 
@@ -32,7 +33,8 @@ import lora_pass
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", metavar="PATH", help="local OPT checkpoint (OPTForCausalLM.from_pretrained); default: random weights")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attn_implementation (default: sdpa)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "softmax1"],
+                   help="attn_implementation (default: sdpa); softmax1: outlier-free OPT, softmax_1 attention")
     p.add_argument("--layers", type=int, default=3, help="decoder layers of the random model (default: 3)")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the random model (default: 128)")
     p.add_argument("--heads", type=int, default=4, help="attention heads of the random model (default: 4)")
@@ -61,6 +63,10 @@ def build_model(args):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(args.seed)
+    if args.attn == "softmax1":
+        from lora_pass.softmax_one import register_attention
+
+        register_attention()
     if args.weights:
         # dropout off: attention dropout in training would leave every site untouched (see README)
         model = OPTForCausalLM.from_pretrained(args.weights, attn_implementation=args.attn, dtype=torch.float32,

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated LoRA targets among q, k, v, o (default: q,v)")
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default: 8)")
     p.add_argument("--alpha", type=_positive_int, default=16, help="LoRA alpha (default: 16)")
-    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
-                   help="Hugging Face attention implementation (default: sdpa)")
+    p.add_argument("--attn", choices=["sdpa", "eager", "softmax1"], default="sdpa",
+                   help="attention implementation: Hugging Face's sdpa or eager, or softmax1 for the "
+                        "outlier-free OPT (softmax_1 attention) (default: sdpa)")
     p.add_argument("--mode", choices=["auto", "exact", "lowrank"], default="auto", help="backend mode (default: auto)")
     p.add_argument("--tolerance", type=_tolerance, default=0.05, help="backend tolerance (default: 0.05)")
     p.add_argument("--degree", type=_positive_int, default=2, help="Taylor degree (default: 2)")

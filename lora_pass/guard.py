@@ -28,7 +28,8 @@ def taylor_relative_error(bound: float, degree: int) -> float:
 def error_bounds(bound: float, degree: int) -> dict:
     """Worst-case normalised errors of the low-rank path when every centred logit is within R.
 
-    Keys: "out", "dq", "dk", "dv"; the normalisations are those of `measured_errors`.
+    Keys: "out", "dq", "dk", "dv"; the normalisations are those of `measured_errors`. The same
+    bounds hold for softmax_1 attention (docs/guard.md section 9), with its dq normalisation.
     """
     rho = taylor_relative_error(bound, degree)
     rho_grad = taylor_relative_error(bound, degree - 1)
@@ -58,7 +59,8 @@ def norm_bound(q: torch.Tensor, k: torch.Tensor, *, scale: float, key_weight=Non
     """R = scale * max_i ||q_i|| * max_j ||k_j - mu|| per (batch, KV head), max over all: a 0-d tensor.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lk, D]; masked keys (key_weight == 0) are left out of mu and of
-    the maximum. NaN or Inf anywhere gives NaN or Inf, which fails the guard.
+    the maximum. NaN or Inf anywhere gives NaN or Inf, which fails the guard. Unchanged for
+    softmax_1 attention: the null key's weight is exact, so only the real keys need |s'| <= R.
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
@@ -71,15 +73,18 @@ def norm_bound(q: torch.Tensor, k: torch.Tensor, *, scale: float, key_weight=Non
     return (scale * qn * kn.amax(-1)).amax()
 
 
-def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key_weight=None) -> dict:
+def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key_weight=None,
+                    softmax_one: bool = False) -> dict:
     """Normalised errors of an approximate attention against a reference (both dicts of
     "out", "dq", "dk", "dv"), in the normalisation that `error_bounds` bounds:
 
-    out: max_i ||dO_i|| -> max_i ||O~_i - O_i|| / max_j ||v_j||
+    out: max_i ||O~_i - O_i|| / max_j ||v_j||
     dq:  max_i ||dQ~_i - dQ_i|| / (scale max_i ||dO_i|| max_j ||v_j|| max_j ||k_j - mu||)
     dk:  sum_j ||dK~_j - dK_j|| / (scale max_i ||q_i|| max_j ||v_j|| sum_i ||dO_i||)
     dv:  sum_j ||dV~_j - dV_j|| / sum_i ||dO_i||
     Maxima and sums are per (batch, KV head group); the worst group is returned.
+    `softmax_one`: softmax_1 attention, whose null key sits at the centred position 0 - mu, so the
+    dq normaliser's max_j ||k_j - mu|| becomes max(max_j ||k_j - mu||, ||mu||) (docs/guard.md 9).
     """
     f = lambda t: t.detach().double()  # noqa: E731
     b, hq, lq, d = q.shape
@@ -90,10 +95,13 @@ def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key
 
     valid = None if key_weight is None else (key_weight > 0)[:, None, :].double()
     vn = rows(v) if valid is None else rows(v) * valid
-    kc = f(k) - key_center(f(k), key_weight)
+    mu = key_center(f(k), key_weight)
+    kc = f(k) - mu
     kn = rows(kc) if valid is None else rows(kc) * valid
     qn, don = rows(q), rows(dout)
     vmax, kmax, qmax = vn.amax(-1), kn.amax(-1), qn.amax(-1)
+    if softmax_one:
+        kmax = torch.maximum(kmax, torch.linalg.vector_norm(mu, dim=-1).reshape(b, hkv))
 
     def diff(name):
         return rows(f(approx[name]) - f(ref[name]))

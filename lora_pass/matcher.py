@@ -33,6 +33,7 @@ class Candidate:
     mask: fx.Node | None
     nodes: list  # the core's own nodes, removed after the rewrite
     skip_reason: str | None = None  # set by the family when the core itself is unsupported
+    softmax_one: bool = False  # the normaliser is softmax_1 (an extra 1 in the denominator)
 
 
 @dataclasses.dataclass
@@ -45,6 +46,8 @@ class Projection:
     lora_dropout: float = 0.0
     module: str | None = None
     post_scale: float = 1.0  # scalar factors applied after the projection (OPT's query scaling)
+    rotary: bool = False  # a rotary position embedding was applied after the projection (norm-preserving)
+    fused: tuple | None = None  # (start, stop) of this output in a fused projection (GPT-2's c_attn)
     # graph nodes of x, the frozen weight and bias, lora_A and lora_B weights (for telemetry)
     nodes: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -91,9 +94,14 @@ class Skipped:
 # ---------------------------------------------------------------------------------------------
 # node helpers
 
-SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "to", "float", "half", "bfloat16", "type_as"}
+SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "to", "float", "half", "bfloat16", "type_as",
+                 "type"}
 SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute}
 LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+MUL = {operator.mul, torch.mul}
+ADD = {operator.add, torch.add}
+CAT = {torch.cat, torch.concat, torch.concatenate}
+GETITEM = {operator.getitem}
 
 
 def is_call(node, targets) -> bool:
@@ -135,9 +143,14 @@ def scalar(x):
 
 
 def trace_projection(node: fx.Node) -> Projection:
-    """Walk back through shape-only ops and scalar rescaling to the projection."""
-    seen, post_scale = 0, 1.0
-    while isinstance(node, fx.Node) and seen < 32:
+    """Walk back from q, k or v to its projection.
+
+    Steps taken: shape-only ops, scalar rescaling (`post_scale`), a KV cache that concatenates
+    the new keys to an empty tensor, a rotary position embedding (`rotary`), and one output of
+    a fused projection split along its last dimension (`fused`).
+    """
+    seen, post_scale, rotary, fused = 0, 1.0, False, None
+    while isinstance(node, fx.Node) and seen < 64:
         seen += 1
         if is_method(node, SHAPE_METHODS) or is_call(node, SHAPE_FUNCTIONS):
             node = node.args[0]
@@ -145,34 +158,150 @@ def trace_projection(node: fx.Node) -> Projection:
             factor = float(node.args[1])
             post_scale *= factor if node.target is not operator.truediv else 1.0 / factor
             node = node.args[0]
-        elif is_call(node, {operator.mul, torch.mul}) and scalar(node.args[0]) is not None:
+        elif is_call(node, MUL) and scalar(node.args[0]) is not None:
             post_scale *= float(node.args[0])
             node = node.args[1]
+        elif (inner := _empty_cache_concat(node)) is not None:
+            node = inner
+        elif (inner := _rotary_input(node)) is not None:
+            node, rotary = inner, True
+        elif fused is None and (split := _split_output(node)) is not None:
+            node, fused = split
         else:
             break
     proj = _peft_lora(node)
     if proj is None:
         proj = Projection(adapted=False)
-        if is_call(node, LINEAR):
-            proj.nodes = _linear_nodes(node)
-            proj.module = re.sub(r"\.base_layer$", "", module_path(node))
-    proj.post_scale = post_scale
+        base = _base_linear(node)
+        if base is not None:
+            proj.nodes = base[1]
+            proj.module = re.sub(r"\.base_layer$", "", module_path(base[0]))
+    proj.post_scale, proj.rotary, proj.fused = post_scale, rotary, fused
     return proj
 
 
+def _empty_cache_concat(node):
+    """torch.cat([empty, x], dim): a KV cache's update on its first call -> x."""
+    if not is_call(node, CAT):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(parts, (list, tuple)):
+        return None
+    real = []
+    for part in parts:
+        value = meta_value(part)
+        if value is None:
+            return None
+        if value.numel() != 0:
+            real.append(part)
+    return real[0] if len(real) == 1 else None
+
+
+def _half_slice(node):
+    """x[..., :h] -> (x, "low", h) or x[..., h:] -> (x, "high", h)."""
+    if not is_call(node, GETITEM) or not isinstance(node.args[1], tuple):
+        return None
+    index = node.args[1]
+    if len(index) != 2 or index[0] is not Ellipsis or not isinstance(index[1], slice) or index[1].step not in (None, 1):
+        return None
+    sl = index[1]
+    if sl.start is None and isinstance(sl.stop, int):
+        return node.args[0], "low", sl.stop
+    if isinstance(sl.start, int) and sl.stop is None:
+        return node.args[0], "high", sl.start
+    return None
+
+
+def _rotate_half_input(node):
+    """cat((-x[..., h:], x[..., :h]), -1) (Hugging Face's rotate_half) -> x."""
+    if not is_call(node, CAT):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = arg(node, 1, "dim", 0)
+    value = meta_value(node)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or value is None or dim not in (-1, value.dim() - 1):
+        return None
+    neg, low = parts
+    if not (is_call(neg, {operator.neg, torch.neg}) or is_method(neg, {"neg"})):
+        return None
+    high, low = _half_slice(neg.args[0]), _half_slice(low)
+    if high is None or low is None or high[0] is not low[0] or (high[1], low[1]) != ("high", "low"):
+        return None
+    x = meta_value(high[0])
+    if x is None or high[2] != low[2] or 2 * high[2] != x.shape[-1]:
+        return None
+    return high[0]
+
+
+def _tensor_factor(node):
+    """a * b with one side a tensor product factor: -> (the other side, the factor) pairs."""
+    if not is_call(node, MUL) or len(node.args) != 2:
+        return ()
+    a, b = node.args
+    return tuple((x, f) for x, f in ((a, b), (b, a)) if isinstance(x, fx.Node) and isinstance(f, fx.Node))
+
+
+def _rotary_input(node):
+    """x * cos + rotate_half(x) * sin (rotary position embedding) -> x.
+
+    The rotation keeps every row's norm when cos^2 + sin^2 = 1 (plain RoPE); the guard measures
+    the rotated q and k in any case, so its bound never depends on that.
+    """
+    if not is_call(node, ADD) or len(node.args) != 2:
+        return None
+    for left, right in (node.args, node.args[::-1]):
+        for x, _cos in _tensor_factor(left):
+            for rot, _sin in _tensor_factor(right):
+                if _rotate_half_input(rot) is x:
+                    return x
+    return None
+
+
+def _split_output(node):
+    """split(x, size, dim=-1)[i] -> (x, (start, stop)) for a split of the last dimension."""
+    if not is_call(node, GETITEM) or not isinstance(node.args[1], int):
+        return None
+    split = node.args[0]
+    if not (is_method(split, {"split"}) or is_call(split, {torch.split})):
+        return None
+    x = split.args[0]
+    size = arg(split, 1, "split_size", split.kwargs.get("split_size_or_sections"))
+    dim = arg(split, 2, "dim", 0)
+    value = meta_value(x)
+    if value is None or not isinstance(size, int) or dim not in (-1, value.dim() - 1):
+        return None
+    i = node.args[1]
+    return x, (i * size, min((i + 1) * size, value.shape[-1]))
+
+
 def _linear_nodes(linear: fx.Node) -> dict:
-    return {"x": linear.args[0], "weight": linear.args[1], "bias": arg(linear, 2, "bias")}
+    return {"x": linear.args[0], "weight": linear.args[1], "bias": arg(linear, 2, "bias"), "layout": "out_in"}
+
+
+def _base_linear(node):
+    """The frozen projection: F.linear(x, W, b), or transformers' Conv1D (GPT-2):
+    addmm(b, x.view(-1, d_in), W).view(..., d_out) with W stored [d_in, d_out].
+    -> (the node that names the module, its nodes: x, weight, bias, layout) or None."""
+    if is_call(node, LINEAR):
+        return node, _linear_nodes(node)
+    if is_method(node, {"view", "reshape"}) and is_call(node.args[0], {torch.addmm}):
+        addmm = node.args[0]
+        flat = addmm.args[1]
+        if is_method(flat, {"view", "reshape"}) and len(addmm.args) >= 3:
+            return addmm, {"x": flat.args[0], "weight": addmm.args[2], "bias": addmm.args[0], "layout": "in_out"}
+    return None
 
 
 def _peft_lora(node) -> Projection | None:
     """base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, in either order of the sum."""
-    if not is_call(node, {operator.add, torch.add}) or len(node.args) != 2:
+    if not is_call(node, ADD) or len(node.args) != 2:
         return None
     for base, update in (node.args, node.args[::-1]):
-        if not is_call(base, LINEAR):
+        linear = _base_linear(base)
+        if linear is None:
             continue
         scaling = 1.0
-        if is_call(update, {operator.mul, torch.mul}):
+        if is_call(update, MUL):
             a, b = update.args
             if scalar(b) is not None:
                 update, scaling = a, float(b)
@@ -184,14 +313,15 @@ def _peft_lora(node) -> Projection | None:
             continue
         lora_a = update.args[0]
         x, dropout = lora_a.args[0], 0.0
-        if is_call(x, {torch.nn.functional.dropout}):
+        nodes = linear[1]
+        if x is not nodes["x"] and is_call(x, {torch.nn.functional.dropout}):  # LoRA's own dropout
             dropout = float(arg(x, 1, "p", 0.5))
             x = x.args[0]
-        if x is not base.args[0]:
+        if x is not nodes["x"]:
             continue
         a_weight = meta_value(lora_a.args[1])
         rank = int(a_weight.shape[0]) if a_weight is not None else None
-        nodes = {**_linear_nodes(base), "lora_a": lora_a.args[1], "lora_b": update.args[1]}
+        nodes = {**nodes, "lora_a": lora_a.args[1], "lora_b": update.args[1]}
         return Projection(True, rank, scaling, dropout, _lora_owner(lora_a), nodes=nodes)
     return None
 
@@ -246,33 +376,148 @@ def evaluate_constant(node: fx.Node):
     return env[node]
 
 
-def classify_mask(mask: fx.Node, lq: int | None, lk: int | None):
-    """-> (kind, reason): kind is "none", "causal", "padding" or None (unsupported, with reason)."""
-    if not _placeholder_ancestors(mask):
+@dataclasses.dataclass
+class MaskPlan:
+    """A mask split into a compile-time part (none or causal) and per-key runtime factors.
+
+    `factors`: (node, "bool" | "additive") pairs, each a [B or 1, 1, 1, Lk] tensor whose product
+    (AND of the booleans, sum of the additive ones) with the causal part is the whole mask.
+    """
+
+    causal: bool = False
+    factors: list = dataclasses.field(default_factory=list)
+    reason: str | None = None  # set when the mask is not of this form
+
+    @property
+    def kind(self) -> str:
+        return "padding" if self.factors else ("causal" if self.causal else "none")
+
+
+AND = {operator.and_, torch.logical_and, torch.bitwise_and}
+WHERE = {torch.where}
+
+
+def _mask_leaves(node, additive: bool, const: list, runtime: list, depth=0):
+    """Split a mask expression at AND (boolean) and + (additive) into leaves.
+
+    Broadcasting (expand), same-kind casts and `where(m, 0, -big)` (boolean to additive) are
+    looked through. Every other node is a leaf: constant (no graph input) or runtime.
+    """
+    value = meta_value(node)
+    if depth < 64 and isinstance(node, fx.Node) and _placeholder_ancestors(node) and value is not None:
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        source = meta_value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        same_kind = source is not None and (source.dtype == torch.bool) == (value.dtype == torch.bool)
+        if not additive and (is_call(node, AND) or is_method(node, {"__and__", "logical_and", "bitwise_and"})) \
+                and len(inputs) == 2 and value.dtype == torch.bool:
+            for a in inputs:
+                _mask_leaves(a, additive, const, runtime, depth + 1)
+            return
+        if additive and is_call(node, ADD) and len(inputs) == 2 and value.dtype.is_floating_point:
+            for a in inputs:
+                _mask_leaves(a, additive, const, runtime, depth + 1)
+            return
+        if (is_method(node, {"expand", "to", "contiguous"}) or is_call(node, {torch.broadcast_to})) and same_kind:
+            _mask_leaves(node.args[0], additive, const, runtime, depth + 1)
+            return
+        if additive and is_call(node, WHERE) and len(node.args) == 3 and _is_zero(node.args[1]) \
+                and _is_very_negative(node.args[2], value.dtype):
+            _mask_leaves(node.args[0], False, const, runtime, depth + 1)
+            return
+    (runtime if isinstance(node, fx.Node) and _placeholder_ancestors(node) else const).append((node, additive))
+
+
+def _constant_value(x):
+    if isinstance(x, fx.Node):
+        if _placeholder_ancestors(x):
+            return None
         try:
-            value = evaluate_constant(mask)
-        except Exception as exc:  # a constant we cannot evaluate is left alone
-            return None, f"constant mask could not be evaluated ({type(exc).__name__})"
-        if value.dtype == torch.bool:
-            allowed = value
-        else:
+            return evaluate_constant(x)
+        except Exception:
+            return None
+    return torch.tensor(x) if isinstance(x, (int, float, bool)) else None
+
+
+def _is_zero(x) -> bool:
+    value = _constant_value(x)
+    return value is not None and bool((value == 0).all())
+
+
+def _is_very_negative(x, dtype) -> bool:
+    value = _constant_value(x)
+    return value is not None and bool((value.double() <= torch.finfo(dtype).min / 2).all())
+
+
+def decompose_mask(mask: fx.Node, lq, lk, additive: bool) -> MaskPlan:
+    """Whether `mask` is (causal or nothing) combined with per-key padding/bias factors.
+
+    `additive`: the mask is added to the logits (float), else it is a boolean keep-mask.
+    Constant parts are evaluated now; runtime parts must be [B or 1, 1, 1, Lk] (they depend
+    on the key only), so the low-rank path can take them as per-key weights.
+    """
+    const, runtime = [], []
+    _mask_leaves(mask, additive, const, runtime)
+    allowed = None
+    for node, is_additive in const:
+        value = _constant_value(node)
+        if value is None:
+            return MaskPlan(reason="constant mask could not be evaluated")
+        if is_additive:
+            if value.dtype == torch.bool:
+                return MaskPlan(reason="boolean tensor added to the logits")
             low = torch.finfo(value.dtype).min / 2
             if not bool(((value == 0) | (value <= low)).all()):
-                return None, "float mask with values other than 0 and -inf/finfo.min is not low-rank"
-            allowed = value == 0
-        allowed = allowed.reshape(-1, *allowed.shape[-2:]) if allowed.dim() >= 2 else allowed.reshape(1, 1, -1)
-        if bool(allowed.all()):
-            return "none", None
-        rows, cols = allowed.shape[-2:]
-        if lq is not None and rows == lq and cols == lk:
-            tril = torch.ones(rows, cols, dtype=torch.bool).tril()
-            if bool((allowed == tril).all()):
-                return "causal", None
-        return None, "constant mask that is neither causal nor all-true"
-    value = meta_value(mask)
-    if value is None:
-        return None, "mask of unknown shape"
-    shape = tuple(value.shape)
-    if len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and (lk is None or shape[3] == lk):
-        return "padding", None
-    return None, f"mask {list(shape)} depends on runtime data and is not key-padding-shaped [B, 1, 1, L]"
+                return MaskPlan(reason="float mask with values other than 0 and -inf/finfo.min is not low-rank")
+            value = value == 0
+        elif value.dtype != torch.bool:
+            return MaskPlan(reason=f"boolean mask expected, got {value.dtype}")
+        allowed = value if allowed is None else allowed & value
+    causal = False
+    if allowed is not None and not bool(allowed.all()):
+        if allowed.dim() < 2 or lq is None or lk is None or not isinstance(lq, int) or not isinstance(lk, int):
+            return MaskPlan(reason="constant mask that is neither causal nor all-true")
+        allowed = allowed.expand(*allowed.shape[:-2], lq, lk).reshape(-1, lq, lk)
+        tril = torch.ones(lq, lk, dtype=torch.bool).tril()
+        if lq != lk or not bool((allowed == tril).all()):
+            return MaskPlan(reason="constant mask that is neither causal nor all-true")
+        causal = True
+    factors = []
+    for node, is_additive in runtime:
+        value = meta_value(node)
+        if value is None:
+            return MaskPlan(reason="mask of unknown shape")
+        shape = tuple(value.shape)
+        if not (len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and (lk is None or shape[3] == lk)):
+            return MaskPlan(reason=f"mask part {list(shape)} depends on runtime data and is not "
+                                   f"key-padding-shaped [B, 1, 1, L]")
+        if (value.dtype == torch.bool) == is_additive:
+            return MaskPlan(reason=f"mask part of dtype {value.dtype} where a "
+                                   f"{'float additive' if is_additive else 'boolean'} mask is expected")
+        factors.append((node, "additive" if is_additive else "bool"))
+    return MaskPlan(causal=causal, factors=factors)
+
+
+def strip_repeat_kv(node):
+    """hidden[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv * n, L, D) -> hidden.
+
+    Hugging Face's `repeat_kv` (eager GQA); the op reads the KV heads without the copy.
+    """
+    if not (is_method(node, {"reshape", "view"}) or is_call(node, {torch.reshape})):
+        return None
+    expand = node.args[0]
+    if not is_method(expand, {"expand"}):
+        return None
+    src = expand.args[0]
+    if is_call(src, GETITEM) and src.args[1] == (slice(None), slice(None), None, slice(None), slice(None)):
+        base = src.args[0]
+    elif is_method(src, {"unsqueeze"}) and src.args[1:] in ((2,), (-3,)):
+        base = src.args[0]
+    else:
+        return None
+    before, after = meta_value(base), meta_value(node)
+    if before is None or after is None or before.dim() != 4 or after.dim() != 4:
+        return None
+    b, h, length, d = before.shape
+    if (after.shape[0], after.shape[2], after.shape[3]) != (b, length, d) or after.shape[1] % h:
+        return None
+    return base

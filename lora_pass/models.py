@@ -16,6 +16,19 @@ OPT_ARCHS = {
 }
 
 LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+# attention implementations: transformers' own, and "softmax1", the outlier-free variant
+# (lora_pass.softmax_one): OPT with softmax_1 in place of softmax, as in the paper's experiment
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "softmax1")
+
+
+def _attn(attn: str) -> str:
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn must be one of {list(ATTN_IMPLEMENTATIONS)}, got {attn!r}")
+    if attn == "softmax1":
+        from .softmax_one import register_attention
+
+        register_attention()
+    return attn
 
 
 def opt_config(name: str, *, attn: str = "sdpa", max_positions: int | None = None, **overrides):
@@ -27,7 +40,7 @@ def opt_config(name: str, *, attn: str = "sdpa", max_positions: int | None = Non
     kwargs = dict(OPT_ARCHS[name])
     kwargs.setdefault("vocab_size", 50272)
     kwargs.update(max_position_embeddings=max_positions or 2048, dropout=0.0, attention_dropout=0.0,
-                  attn_implementation=attn)
+                  attn_implementation=_attn(attn))
     kwargs.update(overrides)
     return OPTConfig(**kwargs)
 
@@ -43,14 +56,18 @@ def parse_lora_targets(spec: str) -> list[str]:
 
 def build_opt_lora(name: str = "opt-125m", *, lora: str = "q,v", r: int = 8, alpha: int = 16, attn: str = "sdpa",
                    max_positions: int | None = None, weights: str | None = None, seed: int = 0, dtype=None):
-    """OPTForCausalLM (random weights, or `weights` from a local directory) with PEFT LoRA."""
+    """OPTForCausalLM (random weights, or `weights` from a local directory) with PEFT LoRA.
+
+    `attn`: "sdpa", "eager" or "softmax1" (outlier-free OPT: softmax_1 attention).
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import OPTForCausalLM
 
     torch.manual_seed(seed)
     if weights:
-        model = OPTForCausalLM.from_pretrained(weights, attn_implementation=attn, dropout=0.0, attention_dropout=0.0)
+        model = OPTForCausalLM.from_pretrained(weights, attn_implementation=_attn(attn), dropout=0.0,
+                                               attention_dropout=0.0)
     else:
         model = OPTForCausalLM(opt_config(name, attn=attn, max_positions=max_positions))
     if dtype is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import operator
 import warnings
 
 import torch
@@ -24,28 +25,31 @@ graph_log = compat.artifact_logger(__name__, "lowrank_lora_graphs")
 class AttentionSite(torch.nn.Module):
     """Submodule called by a rewritten graph: key weights from the mask, then the op.
 
-    With `paths == "exact"` the site keeps plain SDPA, so Inductor lowers it exactly as it
-    would without the backend; with telemetry on, the bound R and the counters are added.
+    With `paths == "exact"` the site keeps plain SDPA (with the model's own mask), so Inductor
+    lowers it exactly as it would without the backend; with telemetry on, the bound R and the
+    counters are added. `factor_kinds` names the per-key mask factors ("bool" or "additive",
+    see matcher.MaskPlan) that the low-rank path turns into key weights.
     `norm_inputs` (telemetry only): x, W0, b, lora_A, lora_B of the q and k projections; W0 is
     None where it is frozen, its norm then being measured once at compile time (`frozen_norms`).
     """
 
-    def __init__(self, config: AttentionConfig, mask_kind: str, gqa: bool, device, telemetry: bool,
+    def __init__(self, config: AttentionConfig, factor_kinds: tuple, gqa: bool, device, telemetry: bool,
                  lora_scaling=(None, None), post_scale=(1.0, 1.0), frozen_norms=(None, None)):
         super().__init__()
-        self.config, self.mask_kind, self.gqa = config, mask_kind, gqa
+        self.config, self.factor_kinds, self.gqa = config, tuple(factor_kinds), gqa
         self.lora_scaling, self.post_scale, self.frozen_norms = lora_scaling, post_scale, frozen_norms
         self.register_buffer("stats", new_stats(device) if telemetry else None, persistent=False)
 
-    def forward(self, q, k, v, mask=None, *norm_inputs):
+    def forward(self, q, k, v, mask=None, factors=(), *norm_inputs):
         cfg = self.config
-        key_weight = _key_weight(mask, k) if self.mask_kind == "padding" else None
+        key_weight = _key_weight(factors, self.factor_kinds, q, k)
         if self.stats is not None and norm_inputs:
             record_norms(self.stats, self._composed_norms(*norm_inputs))
-        if cfg.paths != "exact":
+        if cfg.paths != "exact" or cfg.softmax_one:  # SDPA has no softmax_1: the op's exact path
             return guarded_attention(q, k, v, cfg, self.stats, key_weight=key_weight)
+        # the model's own mask where it has runtime parts; a constant causal mask became is_causal
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=cfg.causal, scale=cfg.scale, enable_gqa=self.gqa
+            q, k, v, attn_mask=mask, is_causal=cfg.causal and mask is None, scale=cfg.scale, enable_gqa=self.gqa
         )
         if self.stats is not None:
             bound = norm_bound(q.detach(), k.detach(), scale=cfg.scale, key_weight=key_weight)
@@ -77,15 +81,21 @@ def _lowrank_frobenius(b, a, scaling):
     return abs(scaling) * torch.sqrt(((b.T @ b) * (a @ a.T)).sum().clamp_min(0))
 
 
-def _key_weight(mask, k):
-    """[B, 1, 1, L] bool or additive float mask -> [B, L] float32 key weights (or None)."""
-    if mask is None:
-        return None
-    m = mask.reshape(mask.shape[0], mask.shape[-1]).expand(k.shape[0], k.shape[2])
-    if m.dtype == torch.bool:
-        return m.float()
-    m = m.float()
-    return torch.exp(m - m.amax(-1, keepdim=True).clamp_min(-1e30))
+def _key_weight(factors, kinds, q, k):
+    """Per-key mask factors [B or 1, 1, 1, L] -> one [B, L] float32 key weight (or None).
+
+    A boolean factor keeps (1) or drops (0) a key; an additive one b_j becomes exp(b_j - max b).
+    """
+    weight = None
+    for factor, kind in zip(factors, kinds):
+        m = factor.reshape(factor.shape[0], factor.shape[-1]).expand(q.shape[0], k.shape[2])
+        if kind == "bool":
+            w = m.float()
+        else:
+            m = m.float()
+            w = torch.exp(m - m.amax(-1, keepdim=True).clamp_min(-1e30))
+        weight = w if weight is None else weight * w
+    return weight
 
 
 @dataclasses.dataclass
@@ -117,7 +127,7 @@ def _static(*dims) -> bool:
 
 
 def _plan(cand: matcher.Candidate, opts: Options, index: int):
-    """-> (Site, mask_kind) or Skipped for one candidate."""
+    """-> (Site, MaskPlan) or Skipped for one candidate."""
     module = matcher.module_path(cand.output)
     skip = lambda reason: matcher.Skipped(module, cand.family, reason)  # noqa: E731
     if cand.skip_reason:
@@ -135,14 +145,15 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     qv = matcher.meta_value(cand.q)
     if not qv.dtype.is_floating_point:
         return skip(f"dtype {qv.dtype}")
-    causal, mask_kind = cand.causal, "none"
+    mask = matcher.MaskPlan(causal=cand.causal)
     if cand.mask is not None:
-        kind, reason = matcher.classify_mask(cand.mask, lq, lk)
-        if kind is None:
-            return skip(reason)
-        if kind == "causal":
-            causal, kind = True, "none"
-        mask_kind = kind
+        mv = matcher.meta_value(cand.mask)
+        additive = cand.family != "sdpa" or (mv is not None and mv.dtype != torch.bool)
+        mask = matcher.decompose_mask(cand.mask, lq, lk, additive)
+        if mask.reason:
+            return skip(mask.reason)
+        mask.causal = mask.causal or cand.causal
+    causal = mask.causal
     if causal and not dynamic and lq != lk:
         return skip(f"causal attention with Lq={lq} != Lk={lk}")
     if not dynamic and (lq == 0 or lk == 0):
@@ -169,12 +180,12 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
             paths, decision = "exact", f"L={lq} < crossover {crossover}: exact is faster"
     site = matcher.Site(
         index=index, module=module, family=cand.family, projections=projections, causal=causal,
-        mask=mask_kind if mask_kind != "none" else ("causal" if causal else "none"),
+        mask="padding" if mask.factors else ("causal" if causal else "none"),
         batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d, scale=float(scale),
         degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
         paths=paths, decision=decision,
     )
-    return site, mask_kind
+    return site, mask
 
 
 def _candidates(graph: fx.Graph):
@@ -182,8 +193,16 @@ def _candidates(graph: fx.Graph):
         for family in FAMILIES:
             cand = family.match(node)
             if cand is not None:
-                yield cand
+                yield _without_repeat_kv(cand)
                 break
+
+
+def _without_repeat_kv(cand: matcher.Candidate) -> matcher.Candidate:
+    """Read k and v before an explicit GQA head repeat: the op maps query heads to KV heads."""
+    k, v = matcher.strip_repeat_kv(cand.k), matcher.strip_repeat_kv(cand.v)
+    if k is None or v is None or _shape(k) != _shape(v):
+        return cand
+    return dataclasses.replace(cand, k=k, v=v, nodes=[*cand.nodes, cand.k, cand.v])
 
 
 def rewrite_graph(gm: fx.GraphModule, opts: Options, example_inputs=()) -> GraphRecord:
@@ -203,8 +222,8 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, example_inputs=()) -> Graph
                 skipped.append(planned)
                 log.info("lowrank_lora: skip %s (%s): %s", planned.module, planned.family, planned.reason)
                 continue
-            site, mask_kind = planned
-            _replace(gm, cand, site, mask_kind, opts, values)
+            site, mask = planned
+            _replace(gm, cand, site, mask, opts, values)
             sites.append(site)
             log.info("lowrank_lora: rewrite %s (%s) paths=%s: %s", site.module, site.family, site.paths, site.decision)
         except Exception as exc:  # a failure at one site leaves it exact; the compile goes on
@@ -219,27 +238,57 @@ def rewrite_graph(gm: fx.GraphModule, opts: Options, example_inputs=()) -> Graph
     return GraphRecord(sites, skipped, before, gm.code if sites else before)
 
 
-def _frozen_norm(node, values):
-    """Frobenius norm of a frozen weight measured now, or None (trainable, or no real value)."""
-    value = values.get(node)
+def _frozen_norm(proj: matcher.Projection, values):
+    """Frobenius norm of a frozen weight (its slice, in a fused projection) measured now, or None
+    (trainable, or no real value)."""
+    value = values.get(proj.nodes["weight"])
     if not isinstance(value, torch.Tensor) or value.requires_grad or compat.is_fake(value):
         return None
+    if proj.fused is not None:
+        value = _out_slice(value, proj.fused, proj.nodes["layout"])
     return float(torch.linalg.matrix_norm(value.detach().float()))
 
 
-def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, opts: Options, values=None):
+def _out_slice(weight, fused, layout):
+    """Rows (F.linear's [out, in]) or columns (Conv1D's [in, out]) start:stop of a weight."""
+    start, stop = fused
+    return weight[start:stop] if layout == "out_in" else weight[:, start:stop]
+
+
+def _norm_args(graph: fx.Graph, proj: matcher.Projection, frozen):
+    """x, W0 (None when frozen), bias, lora_A, lora_B nodes of one projection, sliced to its
+    output in a fused projection (Frobenius norms do not depend on the weight's layout)."""
+    nodes = proj.nodes
+    weight = None if frozen is not None else nodes["weight"]
+    bias, lora_b = nodes.get("bias"), nodes.get("lora_b")
+    if proj.fused is not None:
+        start, stop = proj.fused
+        rows = (slice(start, stop),)
+        if weight is not None:
+            cols = rows if nodes["layout"] == "out_in" else (slice(None), slice(start, stop))
+            weight = graph.call_function(operator.getitem, (weight, cols))
+        if bias is not None:
+            bias = graph.call_function(operator.getitem, (bias, rows))
+        if lora_b is not None:
+            lora_b = graph.call_function(operator.getitem, (lora_b, rows))
+    return (nodes["x"], weight, bias, nodes.get("lora_a"), lora_b)
+
+
+def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.MaskPlan, opts: Options, values=None):
     qv = matcher.meta_value(cand.q)
-    config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths)
+    config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths,
+                             softmax_one=cand.softmax_one)
     pq, pk = site.projections["q"], site.projections["k"]
     telemetry_norms = opts.telemetry and pq.nodes and pk.nodes
-    frozen = tuple(_frozen_norm(p.nodes["weight"], values or {}) if telemetry_norms else None for p in (pq, pk))
-    module = AttentionSite(config, mask_kind, site.heads != site.kv_heads, qv.device, opts.telemetry,
+    frozen = tuple(_frozen_norm(p, values or {}) if telemetry_norms else None for p in (pq, pk))
+    kinds = tuple(kind for _, kind in mask.factors)
+    module = AttentionSite(config, kinds, site.heads != site.kv_heads, qv.device, opts.telemetry,
                            lora_scaling=(pq.scaling, pk.scaling), post_scale=(pq.post_scale, pk.post_scale),
                            frozen_norms=frozen)
     # The compiled-graph caches key on the graph's code, not on this module's attributes:
     # naming the submodule after its configuration (frozen norms included: they are traced in
     # as constants) keeps two configurations apart.
-    digest = hashlib.sha256(repr((config, mask_kind, opts.telemetry, frozen)).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(repr((config, kinds, opts.telemetry, frozen)).encode()).hexdigest()[:10]
     name = f"lowrank_lora_site_{site.index}_{digest}"
     while hasattr(gm, name):
         name += "_"
@@ -247,36 +296,39 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask_kind: str, 
     if module.stats is not None:
         compat.register_graph_buffer(gm, f"{name}.stats")
     site.submodule = name
-    args = (cand.q, cand.k, cand.v, cand.mask if mask_kind == "padding" else None)
-    if telemetry_norms:
-        for p, norm in zip((pq, pk), frozen):
-            weight = None if norm is not None else p.nodes["weight"]
-            args += (p.nodes["x"], weight, p.nodes.get("bias"), p.nodes.get("lora_a"), p.nodes.get("lora_b"))
-    for proj in site.projections.values():  # the record keeps plain data, no graph nodes
-        proj.nodes = {}
+    # exact sites keep the model's own mask where it has runtime parts (padding); the low-rank
+    # path needs only the per-key factors, so the L x L mask is then no longer built
+    keep_mask = cand.mask if site.paths == "exact" and mask.factors and not cand.softmax_one else None
     out_value = matcher.meta_value(cand.output)
     with gm.graph.inserting_before(cand.output):
+        args = (cand.q, cand.k, cand.v, keep_mask, [node for node, _ in mask.factors])
+        if telemetry_norms:
+            for p, norm in zip((pq, pk), frozen):
+                args += _norm_args(gm.graph, p, norm)
         new = gm.graph.call_module(name, args)
         new.meta = dict(cand.output.meta)
         result = new
         if out_value is not None and out_value.dtype != qv.dtype:
             result = gm.graph.call_method("to", (new, out_value.dtype))
             result.meta = dict(cand.output.meta)
+    for proj in site.projections.values():  # the record keeps plain data, no graph nodes
+        proj.nodes = {}
     cand.output.replace_all_uses_with(result)
     for node in cand.nodes:  # the core's nodes, output first: each is dead once its user is gone
         if not node.users:
             gm.graph.erase_node(node)
-    if cand.mask is not None and mask_kind != "padding":
+    if cand.mask is not None and keep_mask is None:
         _erase_dead(gm.graph, cand.mask)
 
 
 def _erase_dead(graph: fx.Graph, node: fx.Node):
     """Erase a mask-building chain that nothing uses any more."""
-    todo = [node]
+    todo, erased = [node], set()
     while todo:
         n = todo.pop()
-        if n.users or n.op in ("placeholder", "output"):
+        if n in erased or n.users or n.op in ("placeholder", "output"):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
+        erased.add(n)
         todo.extend(inputs)

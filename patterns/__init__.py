@@ -4,6 +4,6 @@ A new family is one new file here and one line in FAMILIES. The order matters on
 families could claim the same node; none do today.
 """
 
-from . import explicit_softmax, sdpa
+from . import explicit_softmax, sdpa, softmax_one
 
-FAMILIES = (sdpa, explicit_softmax)
+FAMILIES = (sdpa, explicit_softmax, softmax_one)

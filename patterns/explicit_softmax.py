@@ -31,7 +31,16 @@ def _transposed_last(node):
     return None
 
 
+def _is_softmax(node) -> bool:
+    return (is_call(node, SOFTMAX) or is_method(node, {"softmax"})) and arg(node, 1, "dim") in (-1, 3)
+
+
 def match(node) -> Candidate | None:
+    return match_chain(node, _is_softmax, FAMILY)
+
+
+def match_chain(node, is_normaliser, family: str, **candidate_fields) -> Candidate | None:
+    """The chain above with the normaliser recognised by `is_normaliser` (softmax or softmax_1)."""
     if not is_call(node, MATMUL):
         return None
     probs, v = node.args[0], node.args[1]
@@ -44,16 +53,16 @@ def match(node) -> Candidate | None:
             reason = f"attention dropout in training (p={rate})"
         chain.append(p)
         p = p.args[0]
-    if is_method(p, {"to", "float", "type_as"}):
+    if is_method(p, {"to", "float", "type_as", "type"}):
         chain.append(p)
         p = p.args[0]
-    if not (is_call(p, SOFTMAX) or is_method(p, {"softmax"})):
-        return None
-    dim = arg(p, 1, "dim")
-    if dim not in (-1, 3):
+    if not is_normaliser(p):
         return None
     chain.append(p)
     s = p.args[0]
+    if is_method(s, {"float", "to"}):  # logits cast to float32 before the normaliser
+        chain.append(s)
+        s = s.args[0]
     mask = None
     if is_call(s, {operator.add, torch.add}) and isinstance(s.args[1], torch.fx.Node):
         chain.append(s)
@@ -74,4 +83,4 @@ def match(node) -> Candidate | None:
     for prev, user in zip(chain[1:], chain[:-1]):
         if not _only_user(prev, user):
             reason = reason or f"intermediate {prev.name} has another consumer"
-    return Candidate(FAMILY, node, q, k, v, scale, False, mask, chain, reason)
+    return Candidate(family, node, q, k, v, scale, False, mask, chain, reason, **candidate_fields)

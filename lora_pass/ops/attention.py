@@ -8,6 +8,10 @@ so the gradient is always that of the path the forward took. Both branches are t
 Inductor compiles them (C++ on CPU, Triton on GPU); nothing breaks the graph and nothing
 depends on the data at trace time, so steps do not recompile.
 
+With `AttentionConfig.softmax_one`, both paths compute softmax_1 ("outlier-free") attention,
+softmax_1(s)_ij = e^{s_ij} / (1 + sum_l e^{s_il}): ordinary softmax with a null key of logit 0 and
+value 0 (ops/exact.py and ops/lowrank.py; the guard's bound R is unchanged, docs/guard.md).
+
 The per-site telemetry buffer `stats` (see STATS_FIELDS) is updated in place by the
 `lora_pass::record_forward` and `lora_pass::record_backward` ops, with no host synchronisation.
 """
@@ -23,7 +27,7 @@ from .. import compat
 from ..guard import norm_bound
 from .exact import exact_attention_backward, exact_attention_forward
 from .features import FeatureTensors
-from .lowrank import lowrank_attention_backward, lowrank_attention_forward
+from .lowrank import compute_dtype, lowrank_attention_backward, lowrank_attention_forward
 
 STATS_FIELDS = (
     "forward_lowrank",  # forward calls that took the low-rank path
@@ -50,6 +54,7 @@ class AttentionConfig:
     degree: int = 2
     r_max: float = 0.0
     paths: str = "guarded"  # "guarded" (cond on the guard), "lowrank" (always), "exact" (always)
+    softmax_one: bool = False  # softmax_1 attention: e^{s_ij} / (1 + sum_l e^{s_il})
 
 
 def new_stats(device) -> torch.Tensor:
@@ -108,7 +113,7 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
     Operands after the fixed ones: the key weights (if any), then the feature tables
     (features.FeatureTensors), which the op creates outside the branches.
     """
-    kw = dict(scale=cfg.scale, causal=cfg.causal)
+    kw = dict(scale=cfg.scale, causal=cfg.causal, softmax_one=cfg.softmax_one)
 
     def split(rest):
         weight = rest[0] if has_weight else None
@@ -117,7 +122,8 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
     def lowrank_fwd(q, k, v, *rest):
         w, tables = split(rest)
         out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
-        return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+        # placeholder logsumexp, of the exact branch's dtype (float64 for float64 inputs)
+        return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
 
     def exact_fwd(q, k, v, *rest):
         out, lse = exact_attention_forward(q, k, v, key_weight=split(rest)[0], **kw)
@@ -179,11 +185,12 @@ class GuardedAttention(torch.autograd.Function):
 
 
 def guarded_attention(q, k, v, config: AttentionConfig, stats=None, key_weight=None):
-    """Softmax attention with a norm guard between a low-rank and an exact path.
+    """Softmax (or softmax_1) attention with a norm guard between a low-rank and an exact path.
 
     Args:
         q: [B, Hq, L, D] queries; k, v: [B, Hkv, L, D] with Hq a multiple of Hkv (GQA).
-        config: scale, causality, Taylor degree, R_max and which paths are compiled in.
+        config: scale, causality, Taylor degree, R_max, which paths are compiled in, and
+            softmax_one (softmax_1 attention, a null key of logit 0 and value 0).
         stats: optional float64 telemetry buffer from `new_stats`, updated in place.
         key_weight: optional [B, L] per-key weight (0 masks a key out; exp(b) adds a bias b).
 

@@ -3,7 +3,18 @@
 Inside `torch.cond` the backward cannot be left to autograd, so the exact branch calls the same
 fused ATen kernels that Inductor's own SDPA lowering uses: the flash kernel on CPU, the
 memory-efficient kernel on CUDA (which takes masks and float32), and an explicit softmax
-elsewhere. Each forward returns (out, logsumexp) and the backward takes them back.
+elsewhere. Each forward returns (out, logsumexp) and the backward takes them back. The logsumexp
+is float64 for float64 inputs (the CPU kernel's backward takes it in the inputs' dtype), float32
+otherwise.
+
+softmax_one (outlier-free attention): softmax_1(s)_ij = e^{s_ij} / (1 + sum_l e^{s_il}) = P_ij
+sigma(lse_i), with P the ordinary softmax, lse_i its (natural) logsumexp and sigma the logistic
+function, so O1_i = sigma(lse_i) O_i. The forward scales the kernel's output by sigma(lse) and
+returns the ordinary lse. Its logit gradient is dS_ij = P1_ij (dO_i . v_j - dO_i . O1_i) and
+dV_j = sum_i P1_ij dO_i. The kernels' backward computes dS_ij = P_ij (dO'_i . v_j - dO'_i . O'_i)
+and dV_j = sum_i P_ij dO'_i from (dO', O', lse); with dO' = sigma(lse) dO and O' = O1 these are
+exactly the softmax_1 gradients, so the same kernels serve both. lse = -inf (a row with every key
+masked) gives sigma = 0 and an output of 0.
 """
 
 from __future__ import annotations
@@ -23,6 +34,15 @@ def _reduce_kv(grad, heads):
     return grad if hq == heads else grad.view(b, heads, hq // heads, length, d).sum(2)
 
 
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _null_factor(lse, t):
+    """sigma(lse)[..., None] * t in t's dtype (lse's precision): softmax -> softmax_1 scaling."""
+    return (t.to(lse.dtype) * torch.sigmoid(lse)[..., None]).to(t.dtype)
+
+
 def additive_mask(key_weight, q):
     """[B, Lk] key weights -> additive [B, 1, 1, Lk] mask in q's dtype (log 0 = -inf)."""
     if key_weight is None:
@@ -30,31 +50,38 @@ def additive_mask(key_weight, q):
     return torch.log(key_weight.to(q.dtype))[:, None, None, :]
 
 
-def exact_attention_forward(q, k, v, *, scale, causal, key_weight=None):
-    """(out [B, Hq, L, D], logsumexp [B, Hq, L] float32) of softmax attention."""
+def exact_attention_forward(q, k, v, *, scale, causal, key_weight=None, softmax_one=False):
+    """(out [B, Hq, L, D], logsumexp [B, Hq, L]) of softmax attention (softmax_1 attention with
+    `softmax_one`; the logsumexp is that of the ordinary softmax in both cases)."""
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     mask = additive_mask(key_weight, q)
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
-        return out, lse.float()
+        lse = lse.to(_lse_dtype(q))
+        return (_null_factor(lse, out) if softmax_one else out), lse
     if q.device.type == "cuda":
         bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale
         )
-        return out, lse[..., : q.shape[2]].float()
-    s = _logits(q, k, scale, causal, mask)
-    lse = torch.logsumexp(s, dim=-1)
-    return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
+        lse = lse[..., : q.shape[2]].to(_lse_dtype(q))
+        return (_null_factor(lse, out) if softmax_one else out), lse
+    return _math_forward(q, k, v, scale, causal, mask, softmax_one)
 
 
-def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weight=None):
-    """(dq, dk, dv) of `exact_attention_forward`, K and V gradients summed over GQA groups."""
+def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weight=None, softmax_one=False):
+    """(dq, dk, dv) of `exact_attention_forward`, K and V gradients summed over GQA groups.
+
+    `out` and `lse` are the forward's: with `softmax_one`, out is the softmax_1 output and lse
+    the ordinary logsumexp.
+    """
     heads = k.shape[1]
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     mask = additive_mask(key_weight, q)
+    if softmax_one and q.device.type in ("cpu", "cuda"):
+        dout = _null_factor(lse, dout)  # dO' = sigma(lse) dO, with O' = O1 (module docstring)
     if q.device.type == "cpu":
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
@@ -69,14 +96,36 @@ def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weig
             causal, scale=scale,
         )
     else:
-        p = torch.exp(_logits(q, k, scale, causal, mask) - lse[..., None])
-        do = dout.float()
-        dv = p.transpose(-1, -2) @ do
-        dp = do @ v.float().transpose(-1, -2)
-        ds = p * (dp - (do * out.float()).sum(-1, keepdim=True))
-        dq, dk = scale * ds @ k.float(), scale * ds.transpose(-1, -2) @ q.float()
-        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dq, dk, dv = _math_backward(dout, q, k, v, out, lse, scale, causal, mask, softmax_one)
     return dq, _reduce_kv(dk, heads), _reduce_kv(dv, heads)
+
+
+def _math_forward(q, k, v, scale, causal, mask, softmax_one=False):
+    """Explicit-softmax forward (devices without a fused kernel); k, v already expanded."""
+    s = _logits(q, k, scale, causal, mask)
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.exp(s - _normaliser(lse, softmax_one)[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, scale, causal, mask, softmax_one=False):
+    """Explicit-softmax backward; k, v expanded, gradients not reduced over GQA groups.
+
+    The weights P (P1 with softmax_one) are rebuilt from lse; dS = P (dO . v - dO . O) holds for
+    both with O the forward's output (module docstring).
+    """
+    p = torch.exp(_logits(q, k, scale, causal, mask) - _normaliser(lse, softmax_one)[..., None])
+    do = dout.float()
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ v.float().transpose(-1, -2)
+    ds = p * (dp - (do * out.float()).sum(-1, keepdim=True))
+    dq, dk = scale * ds @ k.float(), scale * ds.transpose(-1, -2) @ q.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _normaliser(lse, softmax_one):
+    """log of the softmax denominator: lse, or log(1 + e^lse) for softmax_1 (0 where lse = -inf,
+    so that a row whose keys are all masked gets weights 0 instead of e^{-inf + inf})."""
+    return torch.logaddexp(lse, torch.zeros_like(lse)) if softmax_one else lse
 
 
 def _logits(q, k, scale, causal, mask):

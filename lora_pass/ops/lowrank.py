@@ -7,6 +7,12 @@ and the exact Taylor polynomial inside a chunk; its backward runs the scan in re
 
 Layout: q [B, Hq, Lq, D] is viewed as [B, Hkv, G * rows, D] per chunk so that the G query heads
 of a KV head share its states (GQA without copying K or V).
+
+softmax_one (outlier-free attention, softmax_1 = ordinary softmax with a null key of logit 0 and
+value 0): after centring, the null key's logit is -c_i with c_i = qt_i . (mu sqrt(scale)), and
+its weight e^{-c_i} is kept exact. With the current numerator N_i and denominator D_i the output
+is N_i / (e^{-c_i} + D_i), computed as a_i N_i / (b_i + a_i D_i) with a_i = e^{min(c_i, 0)} and
+b_i = e^{-max(c_i, 0)}, both in (0, 1], so nothing overflows however large |c_i| is.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Prepared:
     """Centred, scaled and regrouped inputs shared by forward and backward."""
 
-    def __init__(self, q, k, v, scale, key_weight, center=None, degree=2, tables=None):
+    def __init__(self, q, k, v, scale, key_weight, center=None, degree=2, tables=None, softmax_one=False):
         cdt = compute_dtype(q.dtype)
         self.degree = degree
         self.tables = tables if tables is not None else FeatureTensors.build(q.shape[-1], degree, q.device)
@@ -55,6 +61,11 @@ class _Prepared:
         self.kt = (k - mu) * self.root
         self.v = v
         self.w = None if key_weight is None else key_weight.to(cdt)[:, None, :, None]
+        self.softmax_one = softmax_one
+        if softmax_one:
+            self.mu_t = mu * self.root  # [B, Hkv, 1, D]: c_i = qt_i . mu_t
+            c = (self.qt * self.mu_t[:, :, None]).sum(-1, keepdim=True)  # [B, Hkv, G, Lq, 1]
+            self.null_a, self.null_b = torch.exp(c.clamp_max(0)), torch.exp(-c.clamp_min(0))
 
     def q_rows(self, t, start, stop):
         """[B, Hkv, G, Lq, X] rows start:stop -> [B, Hkv, G * rows, X]."""
@@ -69,6 +80,30 @@ class _Prepared:
 
     def features(self, x):
         return taylor_features(x, self.degree, self.tables)
+
+    def null_weights(self, den, start, stop):
+        """softmax_one, query rows start:stop: (a, b + a * den) with a = e^{min(c, 0)}, b = e^{-max(c, 0)}.
+
+        The second is e^{min(c, 0)} (e^{-c} + den). It is 0 only when b underflows and den = 0 (a row
+        whose keys are all masked out, numerator 0 as well): it is then replaced by 1, so that the
+        row's output is 0, the limit of softmax_1, instead of 0 / 0.
+        """
+        a, b = self.q_rows(self.null_a, start, stop), self.q_rows(self.null_b, start, stop)
+        den_s = b + a * den
+        return a, den_s.masked_fill(den_s == 0, 1.0)
+
+    def visible(self, den):
+        """A row whose visible keys are all masked out (left padding under a causal mask) has
+        numerator and denominator exactly 0: its denominator becomes 1, so that its output is 0,
+        as in SDPA and the exact path, and its gradients are 0 (its keys have weight 0)."""
+        return den if self.w is None else den.masked_fill(den == 0, 1.0)
+
+    def normalise(self, num, den, start, stop):
+        """Output of query rows start:stop from their numerator and denominator."""
+        if not self.softmax_one:
+            return num / self.visible(den)
+        a, den_s = self.null_weights(den, start, stop)
+        return num * (a / den_s)
 
     def features_vjp(self, x, grad):
         return taylor_features_vjp(x, grad, self.degree, self.tables)
@@ -95,25 +130,42 @@ def _intra_weights(p: _Prepared, qt_c, kt_c, start, stop):
     return s, m, taylor_polynomial(s, p.degree) * m
 
 
-def _states(p: _Prepared, chunk):
-    """H = sum_j Phi(kt_j) v_j^T and z = sum_j Phi(kt_j), accumulated over key chunks."""
+def _states(p: _Prepared, chunk, chunk_z=None):
+    """H = sum_j Phi(kt_j) v_j^T and z = sum_j Phi(kt_j), accumulated over key chunks.
+
+    `chunk_z`: a list that receives each chunk's own z (for the causal backward's prefixes).
+    """
     h = z = None
     for start in range(0, p.lk, chunk):
         stop = min(start + chunk, p.lk)
         pk = _key_features(p, start, stop)
         dh, dz = pk.transpose(-1, -2) @ p.v[:, :, start:stop], pk.sum(-2)
+        if chunk_z is not None:
+            chunk_z.append(dz)
         h = dh if h is None else h + dh
         z = dz if z is None else z + dz
     return h, z
 
 
+def _prefix_sums(chunk_z):
+    """float64 z of the chunks before each chunk, summed in the forward's order, so that the
+    backward's denominators equal the forward's bit for bit (a row whose visible keys are all
+    masked has a denominator of exactly 0 in both)."""
+    out, acc = [None], None
+    for dz in chunk_z[:-1]:
+        acc = dz.double() if acc is None else acc + dz.double()
+        out.append(acc)
+    return out
+
+
 def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None, center=None,
-                              tables=None):
+                              tables=None, softmax_one=False):
     """Low-rank attention output [B, Hq, Lq, D] in the dtype of q.
 
     `center` [B, Hkv, 1, D] overrides the key centre mu (default: mean of the unmasked keys).
+    `softmax_one`: softmax_1 attention (a null key of logit 0 and value 0, its weight exact).
     """
-    p = _Prepared(q, k, v, scale, key_weight, center, degree, tables)
+    p = _Prepared(q, k, v, scale, key_weight, center, degree, tables, softmax_one)
     chunk = chunk or chunk_size(max(p.lq, p.lk, 1), causal)
     outs = []
     if not causal:
@@ -121,7 +173,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
         for start in range(0, p.lq, chunk):
             stop = min(start + chunk, p.lq)
             pq = p.features(p.q_rows(p.qt, start, stop))
-            outs.append(p.from_q_rows((pq @ h) / (pq @ z[..., None]), stop - start))
+            outs.append(p.from_q_rows(p.normalise(pq @ h, pq @ z[..., None], start, stop), stop - start))
     else:
         h = z = None  # prefix states, float64 so that the backward can peel chunks off exactly
         for start in range(0, p.lq, chunk):
@@ -134,7 +186,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
                 pq = p.features(qt_c)
                 num = num + pq @ h.to(num.dtype)
                 den = den + pq @ z.to(num.dtype)[..., None]
-            outs.append(p.from_q_rows(num / den, stop - start))
+            outs.append(p.from_q_rows(p.normalise(num, den, start, stop), stop - start))
             dh, dz = (pk.transpose(-1, -2) @ v_c).double(), pk.sum(-2).double()
             h = dh if h is None else h + dh
             z = dz if z is None else z + dz
@@ -143,9 +195,13 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
 
 
 def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None,
-                               center=None, tables=None):
-    """Chained low-rank gradient (dq, dk, dv) of `lowrank_attention_forward`; mu is a constant."""
-    p = _Prepared(q, k, v, scale, key_weight, center, degree, tables)
+                               center=None, tables=None, softmax_one=False):
+    """Chained low-rank gradient (dq, dk, dv) of `lowrank_attention_forward`; mu is a constant.
+
+    `out` is the forward's output. softmax_one: the null key's weight e^{-c_i} depends on q_i
+    through c_i = qt_i . mu_t, which adds dc_i mu_t to d(qt_i) (see `_output_grads`).
+    """
+    p = _Prepared(q, k, v, scale, key_weight, center, degree, tables, softmax_one)
     chunk = chunk or chunk_size(max(p.lq, p.lk, 1), causal)
     cdt = p.qt.dtype
     do = dout.to(cdt).view(p.qt.shape)
@@ -158,9 +214,12 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             stop = min(start + chunk, p.lq)
             qt_c = p.q_rows(p.qt, start, stop)
             pq = p.features(qt_c)
-            dn, dden = _output_grads(p, pq @ z[..., None], do, o, start, stop)
+            dn, dden, dc = _output_grads(p, pq @ z[..., None], do, o, start, stop)
             dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
-            dqs.append(p.from_q_rows(p.features_vjp(qt_c, dpq), stop - start))
+            dqt_c = p.features_vjp(qt_c, dpq)
+            if dc is not None:
+                dqt_c = dqt_c + dc * p.mu_t
+            dqs.append(p.from_q_rows(dqt_c, stop - start))
             g_h, g_z = pq.transpose(-1, -2) @ dn, (pq * dden).sum(-2)
             dh = g_h if dh is None else dh + g_h
             dz = g_z if dz is None else dz + g_z
@@ -170,23 +229,24 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dks.append(dkt_c * p.root)
             dvs.append(dv_c)
     else:
-        h_total, z_total = (t.double() for t in _states(p, chunk))
-        h_suffix = z_suffix = None  # sum of the states of chunk c and later (float64)
+        chunk_z = []
+        h_total = _states(p, chunk, chunk_z)[0].double()
+        z_prefix = _prefix_sums(chunk_z)
+        h_suffix = None  # sum of the states of chunk c and later (float64)
         dh = dz = None  # gradient reaching the keys of chunks before the current one
         for start in reversed(range(0, p.lq, chunk)):
             stop = min(start + chunk, p.lq)
             qt_c, kt_c, v_c = p.q_rows(p.qt, start, stop), p.kt[:, :, start:stop], p.v[:, :, start:stop]
             pk = _key_features(p, start, stop)
-            g_h, g_z = (pk.transpose(-1, -2) @ v_c).double(), pk.sum(-2).double()
+            g_h = (pk.transpose(-1, -2) @ v_c).double()
             h_suffix = g_h if h_suffix is None else h_suffix + g_h
-            z_suffix = g_z if z_suffix is None else z_suffix + g_z
             s, m, a = _intra_weights(p, qt_c, kt_c, start, stop)
             den = a.sum(-1, keepdim=True)
             if start > 0:
-                h_prev, z_prev = (h_total - h_suffix).to(cdt), (z_total - z_suffix).to(cdt)
+                h_prev, z_prev = (h_total - h_suffix).to(cdt), z_prefix[start // chunk].to(cdt)
                 pq = p.features(qt_c)
                 den = den + pq @ z_prev[..., None]
-            dn, dden = _output_grads(p, den, do, o, start, stop)
+            dn, dden, dc = _output_grads(p, den, do, o, start, stop)
             # inside the chunk: exact polynomial, P_g' = P_{g-1}
             ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
             dqt_c = ds @ kt_c
@@ -195,6 +255,8 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             if start > 0:
                 dpq = dn @ h_prev.transpose(-1, -2) + dden * z_prev[..., None, :]
                 dqt_c = dqt_c + p.features_vjp(qt_c, dpq)
+            if dc is not None:
+                dqt_c = dqt_c + dc * p.mu_t
             if dh is not None:  # keys of this chunk feed the states of every later chunk
                 dkt_inter, dv_inter = _key_grads(p, start, stop, dh, dz, pk=pk)
                 dkt_c = dkt_c + dkt_inter
@@ -214,11 +276,24 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
 
 
 def _output_grads(p: _Prepared, den, do, o, start, stop):
-    """dN = dO / den and dden = -rowsum(dO * O) / den for query rows start:stop."""
+    """(dN, dden, dc) for query rows start:stop, O being the forward's output.
+
+    Softmax: O = N / den, dN = dO / den, dden = -rowsum(dO * O) / den, dc = None.
+    softmax_one: O = a N / den_s with den_s = b + a den (`_Prepared.null_weights`), so
+    dN = dO a / den_s, dden = -rowsum(dO * O) a / den_s, and the null key's weight
+    e^{-c} = b / a gives dc = rowsum(dO * O) b / den_s (O = N / (e^{-c} + den)).
+    """
     do_c, o_c = p.q_rows(do, start, stop), p.q_rows(o, start, stop)
-    dn = do_c / den
-    dden = -(do_c * o_c).sum(-1, keepdim=True) / den
-    return dn, dden
+    if not p.softmax_one:
+        den = p.visible(den)
+        dn = do_c / den
+        dden = -(do_c * o_c).sum(-1, keepdim=True) / den
+        return dn, dden, None
+    a, den_s = p.null_weights(den, start, stop)
+    delta = (do_c * o_c).sum(-1, keepdim=True)
+    r = a / den_s
+    b = p.q_rows(p.null_b, start, stop)
+    return do_c * r, -delta * r, delta * (b / den_s)
 
 
 def _key_grads(p: _Prepared, start, stop, dh, dz, pk=None):

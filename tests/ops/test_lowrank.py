@@ -187,3 +187,39 @@ def test_op_compiles_directly_with_fullgraph(paths):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(torch.autograd.grad(out, a, dout), torch.autograd.grad(ref, b, dout)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["lowrank", "exact"])
+def test_rows_without_a_visible_key_are_zero(path):
+    """Left padding under a causal mask: query rows 0-4 see only masked keys. Both paths give
+    zeros there (as SDPA does) and, elsewhere, what the rows with a visible key get alone."""
+    b, hq, hkv, length, d, pad = 2, 2, 1, 13, 4, 5
+    q, k, v, _ = make_inputs(b, hq, hkv, length, d, None)
+    w = torch.ones(b, length, dtype=q.dtype)
+    w[1, :pad] = 0
+    scale = d**-0.5
+    kw = dict(scale=scale, causal=True, key_weight=w)
+    if path == "lowrank":
+        out = lowrank.lowrank_attention_forward(q, k, v, degree=2, chunk=4, **kw)
+        backward = lambda dout: lowrank.lowrank_attention_backward(dout, q, k, v, out, degree=2, chunk=4, **kw)  # noqa: E731
+        reference = lambda q_, k_, v_, w_: naive.lowrank_attention(q_, k_, v_, degree=2, scale=scale, causal=True,  # noqa: E731
+                                                                   key_weight=w_)
+    else:
+        out, lse = exact_attention_forward(q, k, v, **kw)
+        backward = lambda dout: exact_attention_backward(dout, q, k, v, out, lse, **kw)  # noqa: E731
+        reference = lambda q_, k_, v_, w_: naive.exact_attention(q_, k_, v_, scale=scale, causal=True,  # noqa: E731
+                                                                 key_weight=w_)
+    assert torch.isfinite(out).all() and out[1, :, :pad].eq(0).all()
+    dout = torch.randn_like(out)
+    grads = backward(dout)
+    assert all(torch.isfinite(g).all() for g in grads)
+    # reference: batch 0 as it is; batch 1 from position `pad` on is plain causal attention over
+    # its own positions (the same keys visible, the same key mean), zero before it
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    out0 = reference(qr[:1], kr[:1], vr[:1], None)
+    out1 = reference(qr[1:, :, pad:], kr[1:, :, pad:], vr[1:, :, pad:], None)
+    ref = torch.cat([out0, torch.cat([out1.new_zeros(1, hq, pad, d), out1], 2)])
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
