@@ -13,7 +13,6 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import lora_pass
-from lora_pass.guard import r_max
 from tests.conftest import rel_err
 from tests.models.families import (
     causal_batch, encoder_batch, lora_grads, reference_step, step, tiny_bert, tiny_gpt2, tiny_llama,

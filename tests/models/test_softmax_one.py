@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._inductor.utils import run_and_get_code
 
 import lora_pass
 from lora_pass.softmax_one import register_attention, softmax_1
-from tests.conftest import lora_grads, reference_step, rel_err, tiny_opt, train_step
+from tests.conftest import reference_step, rel_err, tiny_opt, train_step
+from tests.models.test_opt import compile_and_step
 
 TOL = 0.05
 LAYERS = 2
@@ -31,18 +31,8 @@ def test_softmax_1_definition():
 
 
 def compiled_step(model, ids, options):
-    lora_pass.reset()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="lowrank_lora", options=options, fullgraph=True)
-    model.zero_grad(set_to_none=True)
-
-    def run():
-        loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        return loss.detach()
-
-    loss, code = run_and_get_code(run)
-    return compiled, loss, lora_grads(model), code, lora_pass.telemetry()
+    return compile_and_step(model, ids, options)
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj")], ids=["qv", "qkv"])

@@ -4,16 +4,13 @@ guard's error bound (docs/guard.md section 9)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from lora_pass import guard
 from lora_pass.ops import exact, lowrank, naive
 from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
+from tests.ops.test_lowrank import case_id
 
 
 def make_inputs(b, hq, hkv, length, d, mask, *, seed, dtype=torch.float64, q_scale=0.3, key_mean=0.5):
@@ -102,11 +99,6 @@ CASES = [
     (1, 2, 2, 7, 6, True, None, 1, 3),
     (1, 1, 1, 1, 4, True, None, 2, 4),
 ]
-
-
-def case_id(c):
-    b, hq, hkv, length, d, causal, mask, g, chunk = c
-    return f"B{b}-H{hq}-KV{hkv}-L{length}-D{d}-{'causal' if causal else 'full'}-{mask or 'nomask'}-g{g}-C{chunk}"
 
 
 def _lowrank(q, k, v, dout, **kw):
@@ -346,50 +338,3 @@ def test_measured_dq_normaliser_includes_the_null_key():
     assert mu_norm > k_norm
     assert one["dq"] == pytest.approx(plain["dq"] * k_norm / mu_norm, rel=1e-12)
     assert {n: one[n] for n in ("out", "dk", "dv")} == {n: plain[n] for n in ("out", "dk", "dv")}
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    length=st.integers(2, 17),
-    d=st.sampled_from([2, 4, 8]),
-    heads=st.sampled_from([(1, 1), (2, 1), (2, 2)]),
-    causal=st.booleans(),
-    mask=st.sampled_from([None, "padding", "bias"]),
-    degree=st.sampled_from([1, 2, 3]),
-    tolerance=st.sampled_from([0.02, 0.05, 0.2]),
-    ratio=st.floats(0.3, 1.6),
-    offset=st.floats(0.0, 8.0),
-)
-def test_guard_soundness_property(seed, length, d, heads, causal, mask, degree, tolerance, ratio, offset):
-    """Inputs scaled so R lands around R_max: whenever R <= R_max, every error of the softmax_1
-    low-rank path against float64 exact softmax_1 attention is within the bound and the tolerance."""
-    g = torch.Generator().manual_seed(seed)
-    hq, hkv = heads
-    q = torch.randn(1, hq, length, d, generator=g, dtype=torch.float64)
-    k = torch.randn(1, hkv, length, d, generator=g, dtype=torch.float64) + offset  # c_i grows with it
-    v = torch.randn(1, hkv, length, d, generator=g, dtype=torch.float64) * 3
-    w = None
-    if mask is not None:
-        w = (torch.rand(1, length, generator=g, dtype=torch.float64) > 0.4).double()
-        w[:, 0] = 1
-        if mask == "bias":
-            w = w * torch.exp(torch.randn(1, length, generator=g, dtype=torch.float64))
-    scale = d**-0.5
-    r_max = guard.r_max(degree, tolerance)
-    r0 = float(guard.norm_bound(q, k, scale=scale, key_weight=w))
-    factor = math.sqrt(ratio * r_max / r0) if r0 > 0 else 1.0
-    q, k = q * factor, k * factor
-    bound = float(guard.norm_bound(q, k, scale=scale, key_weight=w))
-    if bound > r_max:
-        return  # the guard sends this call to the exact path
-    dout = torch.randn(1, hq, length, d, generator=g, dtype=torch.float64)
-    ref, ref_grads = _exact(q, k, v, dout, scale=scale, causal=causal, key_weight=w)
-    out, grads = _lowrank(q, k, v, dout, scale=scale, degree=degree, causal=causal, key_weight=w, chunk=5)
-    names = ("out", "dq", "dk", "dv")
-    errors = guard.measured_errors(dict(zip(names, (out, *grads))), dict(zip(names, (ref, *ref_grads))),
-                                   q, k, v, dout, scale=scale, key_weight=w, softmax_one=True)
-    limits = guard.error_bounds(bound, degree)
-    for name, err in errors.items():
-        assert err <= limits[name] * (1 + 1e-9) + 1e-12, (name, err, limits[name])
-        assert err <= tolerance, (name, err, tolerance)
