@@ -116,3 +116,27 @@ def test_gpt2_fused_projection_norms_use_each_slice():
     expected = torch.linalg.matrix_norm(w[:, :32]) * torch.linalg.matrix_norm(w[:, 32:64])
     assert stats["frozen_norm"] == pytest.approx(float(expected), rel=1e-5)
 
+
+
+def test_qwen2_shares_the_llama_form():
+    """Qwen2 (biased q/k/v projections, rotary, GQA): rewritten and exact like LLaMA."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.models.families import _lora
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="sdpa")
+    model = _lora(Qwen2ForCausalLM(cfg), ("q_proj", "k_proj", "v_proj"), None)
+    data = causal_batch()
+    eager_loss, eager_grads = step(model, data)
+    _, loss, grads, code, telemetry = compiled_step(model, data, {"mode": "exact"})
+    (site, stats), = telemetry
+    assert (site.kv_heads, site.heads, site.mask) == (2, 4, "causal")
+    assert site.projections["q"].rotary and site.projections["k"].rotary
+    assert "".join(n for n, p in site.projections.items() if p.adapted) == "qkv"
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert "torch.ops.lora_pass.record_forward" in code[0]
