@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
+import warnings
+
+import torch
 import torch.fx as fx
 
-from . import compat
+from . import compat, matcher
 from .options import Options
 from .rewrite import AttentionSite, GraphRecord, rewrite_graph
+
+log = logging.getLogger("lora_pass")
 
 #: One GraphRecord per graph compiled by this process, oldest first (see `lora_pass.records()`).
 _RECORDS: list[GraphRecord] = []
@@ -15,51 +23,259 @@ _RECORDS: list[GraphRecord] = []
 _SITE_MODULES: "dict[int, AttentionSite]" = {}
 #: Set by lora_pass.inspect: also capture the AOT graphs before and after the rewrite.
 _CAPTURE: list = []
+#: Node meta key: the q/k/v projections of an attention site, traced in the whole Dynamo graph
+#: before DistributedDataParallel's graph splitting could separate them from the attention.
+SPLIT_PROJECTIONS = "lowrank_lora_projections"
 
 
 def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **unused):
     """torch.compile backend: `torch.compile(model, backend="lowrank_lora", options={...})`.
 
-    Finds LoRA-adapted softmax attention in the Dynamo graph, replaces it by the guarded
-    low-rank op (lora_pass.ops.attention) and compiles the result with Inductor. `mode`
-    ("max-autotune", ...) and `options["inductor"]` are passed on to Inductor. A graph with
-    nothing to rewrite is compiled exactly as `backend="inductor"` compiles it.
+    Finds LoRA-adapted softmax attention in the Dynamo graph (also inside activation-checkpointed
+    regions), replaces it by the guarded low-rank op (lora_pass.ops.attention) and compiles the
+    result with Inductor. `mode` ("max-autotune", ...) and `options["inductor"]` are passed on to
+    Inductor. A graph with nothing to rewrite is compiled exactly as `backend="inductor"` compiles
+    it. If the rewrite, or compiling the rewritten graph, fails, a warning is issued and the graph
+    is compiled unchanged (every site exact), with the reason in its record.
     """
     if unused:
         raise ValueError(f"lowrank_lora: unexpected arguments {sorted(unused)}; pass settings through options={{...}}")
     opts = Options.parse(options)
     capture = bool(_CAPTURE)
     before = _copy_graph(gm) if capture else None
-    record = rewrite_graph(gm, opts, example_inputs)
+    snapshot = _Snapshot(gm)
+    try:
+        record = _rewrite(gm, opts, example_inputs)
+    except Exception as exc:  # a failure outside a single site (a pattern, a subgraph)
+        record = _fall_back(gm, snapshot, None, f"rewrite failed: {exc!r}")
+    patches = dict(compat.list_mode_options(mode)) if mode else {}
+    patches.update(opts.inductor)
+
+    def compile_now(record):
+        if record.sites and patches.get("post_grad_custom_pre_pass") is None:
+            # key Inductor's FX-graph cache on this package's sources (see compat.SourceHashPass)
+            patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
+        if not capture:
+            return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+        return _compile_capturing(gm, before, example_inputs, record, patches)
+
+    try:
+        compiled = compile_now(record)
+    except Exception as exc:
+        if not snapshot.changed():
+            raise  # not the rewrite's doing
+        record = _fall_back(gm, snapshot, record, f"compiling the rewritten graph failed: {exc!r}")
+        patches.pop("post_grad_custom_pre_pass", None)
+        compiled = compile_now(record)
     _RECORDS.append(record)
     for site in record.sites:
         module = gm.get_submodule(site.submodule)
         module.site = site
         _SITE_MODULES[id(module)] = module
-    patches = dict(compat.list_mode_options(mode)) if mode else {}
-    patches.update(opts.inductor)
-    # key Inductor's FX-graph cache on this package's sources (see compat.SourceHashPass)
-    if patches.get("post_grad_custom_pre_pass") is None and record.sites:
-        patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
-    if not capture:
-        return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
-    return _compile_capturing(gm, before, example_inputs, record, patches)
+    return compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# the rewrite: the graph, its activation-checkpointed regions, DDP's split graphs
+
+
+def _rewrite(gm: fx.GraphModule, opts: Options, example_inputs) -> GraphRecord:
+    """rewrite_graph on `gm` and on every activation-checkpointed region it calls."""
+    record = _rewrite_one(gm, opts, example_inputs)
+    for name, body in _checkpoint_bodies(gm):
+        sub = _rewrite(body, opts, ())
+        for site in sub.sites:
+            site.submodule = f"{name}.{site.submodule}"
+            # AOTAutograd lifts every buffer of the graph module, a region's included
+            if gm.get_submodule(site.submodule).stats is not None:
+                compat.register_graph_buffer(gm, f"{site.submodule}.stats")
+        record.sites += sub.sites
+        record.skipped += sub.skipped
+        if sub.sites or sub.skipped:
+            record.graph_before += f"\n# {name} (activation-checkpointed region)\n{sub.graph_before}"
+            record.graph_after += f"\n# {name} (activation-checkpointed region)\n{sub.graph_after}"
+    return record
+
+
+def _rewrite_one(gm: fx.GraphModule, opts: Options, example_inputs) -> GraphRecord:
+    """rewrite_graph, then a second pass for attention whose LoRA projections DDP split off."""
+    record = rewrite_graph(gm, opts, example_inputs)
+    if opts.require_lora and _split_candidates(gm):
+        second = rewrite_graph(gm, dataclasses.replace(opts, require_lora=False), example_inputs)
+        for site in second.sites:
+            site.index = len(record.sites)
+            record.sites.append(site)
+        rewritten = {site.module for site in second.sites}
+        record.skipped = [s for s in record.skipped if s.module not in rewritten]
+        record.graph_after = gm.code
+    _complete_projections(gm, record)
+    return record
+
+
+def _complete_projections(gm: fx.GraphModule, record: GraphRecord) -> None:
+    """Where DDP split a site's LoRA projection off its attention, the site records the
+    projection as traced in the whole graph (telemetry norms stay those of the visible part)."""
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    for site in record.sites:
+        node = calls.get(site.submodule)
+        traced = node.meta.get(SPLIT_PROJECTIONS) if node is not None else None
+        if not traced:
+            continue
+        completed = [name for name, p in site.projections.items() if not p.adapted and traced[name].adapted]
+        for name in completed:
+            site.projections[name] = dataclasses.replace(traced[name])
+        if completed:
+            site.decision += "; LoRA projections traced before DistributedDataParallel split the graph"
+
+
+def _split_candidates(gm: fx.GraphModule) -> bool:
+    """True when every attention left in `gm` without a visible LoRA projection had one in the
+    whole graph (DDP split it off); a second pass without require_lora then rewrites exactly those."""
+    from .rewrite import _candidates
+
+    found = False
+    for cand in _candidates(gm.graph):
+        if any(matcher.trace_projection(x).adapted for x in (cand.q, cand.k, cand.v)):
+            continue  # skipped for another reason, which the second pass finds again
+        traced = cand.output.meta.get(SPLIT_PROJECTIONS)
+        if not traced or not any(p.adapted for p in traced.values()):
+            return False  # not adapted in the whole graph either: require_lora must stay on
+        found = True
+    return found
+
+
+def annotate_projections(gm: fx.GraphModule) -> None:
+    """Record on each attention node the projections traced in the whole graph.
+
+    Called (compat.annotate_before_ddp_split) before DistributedDataParallel's DDPOptimizer
+    splits the Dynamo graph at bucket boundaries: a split between a LoRA projection and its
+    attention would otherwise hide the LoRA from the rewrite of the attention's part.
+    """
+    from .rewrite import _candidates
+
+    for cand in _candidates(gm.graph):
+        projections = {}
+        for name, x in zip("qkv", (cand.q, cand.k, cand.v)):
+            proj = matcher.trace_projection(x)
+            proj.nodes = {}  # plain data: the meta is copied into the split graphs
+            projections[name] = proj
+        cand.output.meta[SPLIT_PROJECTIONS] = projections
+
+
+def _checkpoint_bodies(gm: fx.GraphModule):
+    """(attribute name, graph module) of each activation-checkpointed region `gm` calls.
+
+    Dynamo turns torch.utils.checkpoint (reentrant or not, Hugging Face's
+    gradient_checkpointing_enable included) into the tag_activation_checkpoint higher-order op,
+    whose body is a graph module attribute of the calling graph.
+    """
+    hop = torch.ops.higher_order.tag_activation_checkpoint
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not hop:
+            continue
+        body = node.args[0]
+        if isinstance(body, fx.Node) and body.op == "get_attr" and body.target not in seen:
+            seen.add(body.target)
+            module = getattr(gm, body.target, None)
+            if isinstance(module, fx.GraphModule):
+                yield body.target, module
+
+
+# ---------------------------------------------------------------------------------------------
+# falling back to the unchanged graph
+
+
+class _Snapshot:
+    """The graphs and submodule names of a graph module and of its checkpointed regions, to put
+    back if the rewrite fails half-way."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.saved = []
+        todo = [gm]
+        while todo:
+            m = todo.pop()
+            self.saved.append((m, _copy_nodes(m.graph), set(m._modules)))
+            todo.extend(body for _, body in _checkpoint_bodies(m))
+        self.root = gm
+        self.sources = dict(getattr(gm, "_param_name_to_source", None) or {})
+
+    @staticmethod
+    def _nodes(graph):
+        return [(n.op, n.name, str(n.target)) for n in graph.nodes]
+
+    def changed(self) -> bool:
+        """Whether the rewrite changed any graph or added any submodule (a site that failed half-way included)."""
+        return any(set(m._modules) != children or self._nodes(m.graph) != self._nodes(graph)
+                   for m, graph, children in self.saved)
+
+    def restore(self):
+        for m, graph, children in self.saved:
+            m.graph = graph
+            for name in list(m._modules):
+                if name not in children:
+                    delattr(m, name)
+            m.recompile()
+        sources = getattr(self.root, "_param_name_to_source", None)
+        if sources is not None:
+            for name in [n for n in sources if n not in self.sources]:
+                del sources[name]
+
+
+def _copy_nodes(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` (node meta values shared) whose nodes keep the attributes Dynamo set on
+    the originals (a placeholder's `_dynamo_source`, which AOTAutograd reads)."""
+    result = copy.deepcopy(graph)
+    originals = {n.name: n for n in graph.nodes}
+    for node in result.nodes:
+        original = originals.get(node.name)
+        for name, value in vars(original).items() if original is not None else ():
+            if name not in vars(node):
+                setattr(node, name, value)
+    return result
+
+
+def _fall_back(gm, snapshot: _Snapshot, record, reason: str) -> GraphRecord:
+    """Put the unchanged graph back; every site becomes a skipped candidate with `reason`."""
+    snapshot.restore()
+    warnings.warn(f"lowrank_lora: {reason}; the graph is compiled unchanged (every attention site exact)")
+    log.info("lowrank_lora: %s; graph compiled unchanged", reason)
+    skipped = [] if record is None else list(record.skipped)
+    sites = [] if record is None else record.sites
+    skipped += [matcher.Skipped(site.module, site.family, reason) for site in sites]
+    if not skipped:
+        skipped = [matcher.Skipped("<graph>", "-", reason)]
+    return GraphRecord([], skipped, gm.code, gm.code)
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_pass.inspect
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the graph (node metadata shared) on the same module, for tracing before the rewrite."""
+    """A copy of the graph (node metadata shared) on the same module, for tracing before the
+    rewrite; checkpointed regions, which the rewrite changes in place, are copied too."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
+    result = fx.GraphModule(gm, graph)
+    for name, body in _checkpoint_bodies(gm):
+        setattr(result, name, _copy_graph(body))
+    return result
+
+
+def _region(gm: fx.GraphModule, site):
+    """The site's region graph, from the graph module (a checkpointed region's) that calls it."""
+    from .report import region_graph
+
+    owner, _, local = site.submodule.rpartition(".")
+    return region_graph(gm.get_submodule(owner) if owner else gm, dataclasses.replace(site, submodule=local))
 
 
 def _compile_capturing(gm, before, example_inputs, record, patches):
     """compile_fx, recording the forward and backward graphs before and after the rewrite."""
-    from .report import region_graph
-
     record.aot_before = compat.aot_trace_graphs(before, example_inputs) if record.sites else {}
     record.aot_after = {}
-    record.regions = [region_graph(gm, site) for site in record.sites]
+    record.regions = [_region(gm, site) for site in record.sites]
     inner = compat.compile_fx_inner()
 
     def recording_inner(graph, inputs, **kwargs):
@@ -75,3 +291,4 @@ def _compile_capturing(gm, before, example_inputs, record, patches):
 
 
 compat.register_backend_once(lowrank_lora, "lowrank_lora")
+compat.annotate_before_ddp_split(annotate_projections, lowrank_lora)

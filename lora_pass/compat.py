@@ -89,7 +89,34 @@ def cond(pred, true_fn, false_fn, operands):
     """
     from torch._higher_order_ops.cond import cond_op
 
-    return cond_op(pred, true_fn, false_fn, tuple(operands))
+    return cond_op(pred, _canonical_strides(true_fn), _canonical_strides(false_fn), tuple(operands))
+
+
+def _canonical_strides(fn):
+    """`fn` with every output tensor given the row-major strides of its shape.
+
+    cond requires both branches to return outputs with the same stride order. `.contiguous()`
+    keeps whatever stride a size-1 dimension had (a [B, H, 1] logsumexp from the flash kernel
+    has stride (H, 1, H), a fresh [B, H, 1] tensor (H, 1, 1)), so at L = 1 two contiguous
+    outputs could still differ; a copy is made only where the strides are not the canonical ones.
+    """
+
+    def canonical(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        expected, step = [], 1
+        for size in reversed(t.shape):
+            expected.append(step)
+            step *= size
+        if tuple(t.stride()) == tuple(reversed(expected)):
+            return t
+        return t.clone(memory_format=torch.contiguous_format)
+
+    def wrapped(*args):
+        out = fn(*args)
+        return tuple(canonical(t) for t in out) if isinstance(out, (tuple, list)) else canonical(out)
+
+    return wrapped
 
 
 def _pin_cond_operand_strides():
@@ -122,6 +149,77 @@ def _pin_cond_operand_strides():
 
 
 _pin_cond_operand_strides()
+
+
+def _cond_under_checkpoint():
+    """Let cond run inside an activation-checkpointed region under torch.compile.
+
+    AOTAutograd traces a checkpointed region (the tag_activation_checkpoint higher-order op)
+    under the selective-checkpointing dispatch modes, which in torch 2.11 - 2.14 have rules for
+    some higher-order ops (flex_attention, invoke_subgraph, ...) but not for cond: a guarded site
+    inside gradient checkpointing failed with "no rule registered for HigherOrderOperator cond".
+    Redirecting cond to the modes, as torch does for those ops, tags it for recomputation like
+    any other op of the region.
+    """
+    try:
+        from torch._higher_order_ops.cond import cond_op
+        from torch._higher_order_ops.utils import redirect_to_mode
+        from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
+    except ImportError:  # a torch without these modes has nothing to redirect
+        return
+    for mode in (_CachingTorchDispatchMode, _CachedTorchDispatchMode):
+        if mode not in cond_op.python_key_table:
+            redirect_to_mode(cond_op, mode)
+
+
+_cond_under_checkpoint()
+
+
+def annotate_before_ddp_split(annotate, backend) -> None:
+    """Call `annotate(gm)` on the whole Dynamo graph before DDPOptimizer splits it.
+
+    Under DistributedDataParallel, Dynamo's DDPOptimizer (torch._dynamo.config.optimize_ddp)
+    splits each graph at gradient-bucket boundaries and calls the backend once per piece; a split
+    between a LoRA projection and its attention hides the LoRA from the piece with the attention.
+    `annotate` records what it needs in node meta, which the split copies into the pieces. Only
+    graphs compiled by `backend` are annotated.
+    """
+    try:
+        from torch._dynamo.backends.distributed import DDPOptimizer
+    except ImportError:
+        return
+    original = DDPOptimizer.compile_fn
+    if getattr(original, "_lowrank_lora_annotated", False):
+        return
+
+    def compile_fn(self, gm, example_inputs, **kwargs):
+        if _is_backend(self.backend_compile_fn, backend):
+            try:
+                annotate(gm)
+            except Exception as exc:  # the annotation only adds information; never fail the compile
+                import warnings
+
+                warnings.warn(f"lowrank_lora: could not trace LoRA projections before DDP's graph split: {exc!r}")
+        return original(self, gm, example_inputs, **kwargs)
+
+    compile_fn._lowrank_lora_annotated = True
+    DDPOptimizer.compile_fn = compile_fn
+
+
+def _is_backend(fn, backend) -> bool:
+    """Whether the compiler function Dynamo holds is `backend` (possibly wrapped by torch.compile)."""
+    for _ in range(8):
+        if fn is backend:
+            return True
+        inner = None
+        for attr in ("compiler_fn", "_torchdynamo_orig_backend", "func"):
+            inner = getattr(fn, attr, None)
+            if inner is not None and inner is not fn:
+                break
+        if inner is None or inner is fn:
+            return False
+        fn = inner
+    return False
 
 
 def register_torch_logs() -> None:

@@ -65,3 +65,74 @@ def rel_err(a, b):
 def ids():
     torch.manual_seed(1)
     return torch.randint(0, 64, (2, 16))
+
+
+# --- helpers for the training-setup tests (tests/test_training.py, test_shapes.py, test_ddp.py)
+
+
+class CountingBackend:
+    """`torch._dynamo.testing.CompileCounterWithBackend("lowrank_lora")` that also passes backend
+    options: `torch.compile(model, backend=CountingBackend({...}))`; `frame_count` counts the
+    graphs Dynamo handed to the backend, `compiled_graphs()` those with at least one operation
+    (with dynamic=True, Dynamo may first hand over an empty graph from an analysis it restarts)."""
+
+    def __init__(self, options=None):
+        self.options = options
+        self.frame_count = 0
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        from lora_pass.backend import lowrank_lora
+
+        self.frame_count += 1
+        self.graphs.append(gm)
+        return lowrank_lora(gm, example_inputs, options=self.options)
+
+    def compiled_graphs(self):
+        ops = ("call_function", "call_method", "call_module")
+        return [g for g in self.graphs if any(n.op in ops for n in g.graph.nodes)]
+
+
+def loss_and_grads(model, call, ids, autocast=None, loss_fn=None):
+    """One forward and backward of `call` (the model or a compiled wrapper of it) on `ids`:
+    (loss, logits, {name: grad} of the trainable parameters of `model`). `autocast`: a dtype to
+    run the forward under torch.autocast("cpu", dtype); `loss_fn(output) -> loss` replaces the
+    language-model loss."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = call(input_ids=ids, labels=ids, use_cache=False)
+        loss = out.loss if loss_fn is None else loss_fn(out)
+    loss.backward()
+    return loss.detach(), out.logits.detach(), lora_grads(model)
+
+
+def assert_grads_close(got: dict, expected: dict, rtol=1e-5, atol=1e-6, equal_nan=False):
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, equal_nan=equal_nan,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def site_stats(submodule_prefix=""):
+    """{module path: (Site, stats)} of the live rewritten sites (lora_pass.telemetry())."""
+    import lora_pass
+
+    return {site.module: (site, stats) for site, stats in lora_pass.telemetry()
+            if site.submodule.startswith(submodule_prefix)}
+
+
+def tiny_opt_with(lora_config, std=0.02, **kwargs):
+    """`tiny_opt(lora=False, **kwargs)` adapted with the given peft.LoraConfig (rsLoRA, DoRA,
+    other targets), lora_B initialised like tiny_opt's so every LoRA parameter gets a gradient."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_opt(lora=False, **kwargs), lora_config)
+    init_lora_b(model, std)
+    return model
+
+
+def init_lora_b(model, std=0.02):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)
