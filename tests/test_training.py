@@ -140,7 +140,7 @@ def test_lowrank_op_is_not_downcast_by_autocast():
     cfg = AttentionConfig(scale=16**-0.5, causal=True, r_max=0.2, paths="lowrank")
 
     def run(fn, dtype, autocast):
-        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in (q64, k64, v64))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = fn(q, k, v)
         out.backward(dout.to(out.dtype))
