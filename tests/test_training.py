@@ -85,6 +85,14 @@ def _lowp_mean_errors(model, compiled, ref, autocast):
     return eager_err, comp_err
 
 
+def eager_and_compiled_steps(model, ids, options=GUARDED):
+    """(loss, LoRA gradients) of one eager step and of one step compiled with lowrank_lora."""
+    ref_loss, _, ref_grads = loss_and_grads(model, model, ids)
+    compiled = torch.compile(model, backend="lowrank_lora", options=options)
+    loss, _, grads = loss_and_grads(model, compiled, ids)
+    return (ref_loss, ref_grads), (loss, grads)
+
+
 @pytest.mark.parametrize("precision", ["autocast", "bf16_weights"])
 @pytest.mark.parametrize("path", ["guarded", "lowrank"])
 def test_bf16_training_within_low_precision_rule(precision, path):
@@ -307,9 +315,7 @@ def test_several_lora_modules_with_rslora_scaling():
     model = tiny_opt_with(LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=True), layers=1, bounded=(0.05,))
     model.train()
     ids = batch(30)
-    ref_loss, _, ref_grads = loss_and_grads(model, model, ids)
-    compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED)
-    loss, _, grads = loss_and_grads(model, compiled, ids)
+    (ref_loss, ref_grads), (loss, grads) = eager_and_compiled_steps(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert len(grads) == 2 * len(targets)
     assert_grads_close(grads, ref_grads)
@@ -360,9 +366,7 @@ def test_dora_is_left_untouched_with_a_reason():
                           layers=1, bounded=(0.05,))
     model.train()
     ids = batch(50)
-    ref_loss, _, ref_grads = loss_and_grads(model, model, ids)
-    compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED)
-    loss, _, grads = loss_and_grads(model, compiled, ids)
+    (ref_loss, ref_grads), (loss, grads) = eager_and_compiled_steps(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert any("magnitude" in n for n in grads) and len(grads) == 6
     assert_grads_close(grads, ref_grads)
@@ -470,9 +474,7 @@ def test_float64_model_matches_eager():
     model = tiny_opt("sdpa", bounded=(0.05, 40.0)).double()
     model.train()
     ids = batch(80)
-    ref_loss, _, ref_grads = loss_and_grads(model, model, ids)
-    compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED)
-    loss, _, grads = loss_and_grads(model, compiled, ids)
+    (ref_loss, ref_grads), (loss, grads) = eager_and_compiled_steps(model, ids)
     layers = by_layer(site_stats())
     assert layers[0][1]["forward_lowrank"] == 1 and layers[1][1]["forward_exact"] == 1
     torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=1e-12)
@@ -513,9 +515,7 @@ def test_head_dims_that_are_not_powers_of_two(hidden, heads, batch_size):
     model = tiny_opt("sdpa", layers=1, hidden=hidden, heads=heads, bounded=(0.05,))
     model.train()
     ids = batch(100 + hidden, shape=(batch_size, 16))
-    ref_loss, _, ref_grads = loss_and_grads(model, model, ids)
-    compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED)
-    loss, _, grads = loss_and_grads(model, compiled, ids)
+    (ref_loss, ref_grads), (loss, grads) = eager_and_compiled_steps(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads, ref_grads)
     ((site, stats),) = lora_pass.telemetry()
