@@ -92,6 +92,60 @@ def cond(pred, true_fn, false_fn, operands):
     return cond_op(pred, _canonical_strides(true_fn), _canonical_strides(false_fn), tuple(operands))
 
 
+def scan(fn, init, xs, extra=()):
+    """A loop over the leading dimension of `xs`, traced once: the scan higher-order op.
+
+    `fn(carry, x, extra) -> (new_carry, ys)` with tuples of tensors: `x` holds one slice of each
+    tensor in `xs`, `extra` the loop-invariant tensors (passed in, not closed over, so that the
+    traced body has no lifted constants). Returns (final carry, each ys stacked along a new
+    dimension 0). An empty `init` is allowed (a map): a dummy counter is carried instead.
+
+    Under AOTAutograd the op is traced into a subgraph, which Inductor (2.11 - 2.14) lowers to a
+    while_loop around the compiled body (`decompose_scan_to_while_loop`), writing each step's ys
+    into preallocated outputs; in eager it runs a Python loop. Without the op (an older torch) the
+    loop is unrolled.
+    """
+    init, xs, extra = tuple(init), tuple(xs), tuple(extra)
+    counter = len(init) == 0
+    if counter:
+        init = (torch.zeros((), dtype=torch.int64, device=xs[0].device),)
+    n_init, n_xs = len(init), len(xs)
+
+    def combine(*flat):
+        carry, x, rest = flat[:n_init], flat[n_init:n_init + n_xs], flat[n_init + n_xs:]
+        new, ys = fn(() if counter else carry, x, rest)
+        if counter:
+            new = (carry[0] + 1,)
+        return (*new, *ys)
+
+    try:
+        from torch._higher_order_ops.scan import scan_op
+    except ImportError:  # pragma: no cover - every supported torch has it
+        scan_op = None
+    if scan_op is not None and torch.compiler.is_dynamo_compiling():
+        # Dynamo traces the op itself (the op called in a user's compiled function): it captures
+        # scan only through the public wrapper, whose body may close over `extra`
+        from torch._higher_order_ops.scan import scan as public_scan
+
+        def body(carry, x):
+            out = combine(*carry, *x, *extra)
+            return tuple(out[:n_init]), tuple(out[n_init:])
+
+        carry, ys = public_scan(body, init, xs)
+        return (() if counter else tuple(carry)), tuple(ys)
+    if scan_op is None:
+        carry, stacked = init, None
+        for i in range(xs[0].shape[0]):
+            out = combine(*carry, *(t[i] for t in xs), *extra)
+            carry, ys = out[:n_init], out[n_init:]
+            stacked = [[y] for y in ys] if stacked is None else [s + [y] for s, y in zip(stacked, ys)]
+        ys = tuple(torch.stack(s) for s in (stacked or []))
+    else:
+        out = scan_op(combine, list(init), list(xs), extra)
+        carry, ys = tuple(out[:n_init]), tuple(out[n_init:])
+    return (() if counter else tuple(carry)), ys
+
+
 def _canonical_strides(fn):
     """`fn` with every output tensor given the row-major strides of its shape.
 
@@ -151,6 +205,41 @@ def _pin_cond_operand_strides():
 _pin_cond_operand_strides()
 
 
+def _own_while_loop_carries():
+    """Give Inductor's while_loop its own copy of every initial carry it did not allocate.
+
+    The compiled loop body reuses the storage of its carried inputs for its outputs, so the
+    initial carries are overwritten. Inductor (2.11 - 2.14) copies an initial carry only when two
+    of them alias; a tensor that other code still reads (a zeros tensor that CSE shared between
+    the forward's scan and the backward's, saved for the backward) was clobbered: wrong
+    gradients. The preallocated scan outputs (`empty_strided`, see decompose_scan_to_while_loop)
+    are owned by the loop and are not copied; the other carries (states of size k x d, a counter)
+    are small.
+    """
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    original = ir.WhileLoop.create
+    if getattr(original, "_lowrank_lora_owned", False):
+        return
+
+    def create(cls, cond_fn, body_fn, carried_inputs, additional_inputs, stack_output=False):
+        fx_carried = V.graph.current_node.args[2] if V.graph.current_node is not None else ()
+        owned = []
+        for x, fx_x in zip(carried_inputs, list(fx_carried) + [None] * len(carried_inputs)):
+            fresh = isinstance(fx_x, torch.fx.Node) and fx_x.target is torch.ops.aten.empty_strided.default
+            if isinstance(x, ir.IRNode) and not fresh:
+                x = ir.ExternKernel.copy_input(x)
+            owned.append(x)
+        return original.__func__(cls, cond_fn, body_fn, owned, additional_inputs, stack_output)
+
+    create._lowrank_lora_owned = True
+    ir.WhileLoop.create = classmethod(create)
+
+
+_own_while_loop_carries()
+
+
 def _cond_under_checkpoint():
     """Let cond run inside an activation-checkpointed region under torch.compile.
 
@@ -167,9 +256,17 @@ def _cond_under_checkpoint():
         from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
     except ImportError:  # a torch without these modes has nothing to redirect
         return
-    for mode in (_CachingTorchDispatchMode, _CachedTorchDispatchMode):
-        if mode not in cond_op.python_key_table:
-            redirect_to_mode(cond_op, mode)
+    ops = [cond_op]
+    try:
+        from torch._higher_order_ops.scan import scan_op
+
+        ops.append(scan_op)
+    except ImportError:
+        pass
+    for op in ops:
+        for mode in (_CachingTorchDispatchMode, _CachedTorchDispatchMode):
+            if mode not in op.python_key_table:
+                redirect_to_mode(op, mode)
 
 
 _cond_under_checkpoint()

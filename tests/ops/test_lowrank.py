@@ -63,21 +63,28 @@ def test_chunked_matches_surrogate(case):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"d{name}: {m}")
 
 
-def test_default_chunking_covers_lengths_not_multiple_of_chunk():
-    length = lowrank.MIN_CHUNK + 37
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_default_chunking_covers_lengths_not_multiple_of_chunk(causal):
+    """The last chunk is padded: padded keys must not reach any real query, padded rows are dropped."""
+    length = lowrank.chunk_size(10**6, causal) + 37
     q, k, v, _ = make_inputs(1, 2, 1, length, 4, None, q_scale=0.2)
-    out = lowrank.lowrank_attention_forward(q, k, v, scale=0.5, degree=2, causal=True)
-    ref = naive.lowrank_attention(q, k, v, scale=0.5, degree=2, causal=True)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = naive.lowrank_attention(qr, kr, vr, scale=0.5, degree=2, causal=causal)
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    out = lowrank.lowrank_attention_forward(q, k, v, scale=0.5, degree=2, causal=causal)
+    grads = lowrank.lowrank_attention_backward(dout, q, k, v, out, scale=0.5, degree=2, causal=causal)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    assert lowrank.chunk_size(length) < length
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"d{name}: {m}")
+    assert length % lowrank.chunk_size(length, causal) != 0
 
 
-def test_chunk_size_bounds_the_number_of_chunks():
-    for causal, most in ((True, lowrank.MAX_CHUNKS), (False, lowrank.MAX_CHUNKS_FULL)):
+def test_chunk_size_is_bounded_by_the_length_and_the_target():
+    for causal, target in ((True, lowrank.CHUNK_CAUSAL), (False, lowrank.CHUNK_FULL)):
         for length in (1, 100, 256, 1000, 32768, 100000):
             c = lowrank.chunk_size(length, causal)
-            assert 1 <= c <= max(length, 1)
-            assert math.ceil(length / c) <= most
+            assert c == min(length, target)
 
 
 @pytest.mark.parametrize("degree,d", [(1, 5), (2, 6), (3, 4)])
@@ -176,8 +183,8 @@ def test_exact_kernels_match_reference(causal, mask, heads):
 @pytest.mark.parametrize("paths", ["guarded", "lowrank"])
 def test_op_compiles_directly_with_fullgraph(paths):
     """Users may call the op in their own compiled code: Dynamo must trace it whole. Two chunks
-    (L > MIN_CHUNK, not a multiple of it) inside the cond branches."""
-    q, k, v, _ = make_inputs(1, 4, 2, lowrank.MIN_CHUNK + 44, 8, None, dtype=torch.float32, q_scale=0.05)
+    (L > CHUNK_CAUSAL, not a multiple of it) inside the cond branches."""
+    q, k, v, _ = make_inputs(1, 4, 2, lowrank.CHUNK_CAUSAL + 44, 8, None, dtype=torch.float32, q_scale=0.05)
     cfg = AttentionConfig(scale=8**-0.5, causal=True, degree=2, r_max=0.5, paths=paths)
     compiled = torch.compile(lambda q, k, v: guarded_attention(q, k, v, cfg), fullgraph=True)
     a = tuple(t.clone().requires_grad_() for t in (q, k, v))
