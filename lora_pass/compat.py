@@ -122,6 +122,8 @@ def scan(fn, init, xs, extra=()):
         from torch._higher_order_ops.scan import scan_op
     except ImportError:  # pragma: no cover - every supported torch has it
         scan_op = None
+    if scan_op is not None and not _loop_index_allowed():
+        scan_op = None
     if scan_op is not None and torch.compiler.is_dynamo_compiling():
         # Dynamo traces the op itself (the op called in a user's compiled function): it captures
         # scan only through the public wrapper, whose body may close over `extra`
@@ -144,6 +146,24 @@ def scan(fn, init, xs, extra=()):
         out = scan_op(combine, list(init), list(xs), extra)
         carry, ys = tuple(out[:n_init]), tuple(out[n_init:])
     return (() if counter else tuple(carry)), ys
+
+
+def _loop_index_allowed() -> bool:
+    """Whether the graph being traced can hold scan's loop index.
+
+    Inductor lowers scan to a while_loop whose body reads its index with `.item()`, an unbacked
+    symbol that the fake mode must allow (a ShapeEnv that allows scalar outputs, as
+    `local_scalar_dense` checks). Under DDP the graph is traced by a fake mode that does not
+    (`DataDependentOutputException`); there the loop is unrolled instead (correct, with more
+    compile time and memory).
+    """
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode()
+    if mode is None:
+        return True
+    env = mode.shape_env
+    return env is not None and (env.allow_scalar_outputs or mode.allow_scalar_outputs)
 
 
 def _canonical_strides(fn):
