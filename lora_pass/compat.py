@@ -102,8 +102,9 @@ def scan(fn, init, xs, extra=()):
 
     Under AOTAutograd the op is traced into a subgraph, which Inductor (2.11 - 2.14) lowers to a
     while_loop around the compiled body (`decompose_scan_to_while_loop`), writing each step's ys
-    into preallocated outputs; in eager it runs a Python loop. Without the op (an older torch) the
-    loop is unrolled.
+    into preallocated outputs; in eager it runs a Python loop. A single step (a sequence of one
+    chunk) is traced inline, without a loop; so is every step where the loop cannot be traced
+    (`_loop_index_allowed`) or without the op.
     """
     init, xs, extra = tuple(init), tuple(xs), tuple(extra)
     counter = len(init) == 0
@@ -122,8 +123,8 @@ def scan(fn, init, xs, extra=()):
         from torch._higher_order_ops.scan import scan_op
     except ImportError:  # pragma: no cover - every supported torch has it
         scan_op = None
-    if scan_op is not None and not _loop_index_allowed():
-        scan_op = None
+    if scan_op is not None and (xs[0].shape[0] == 1 or not _loop_index_allowed()):
+        scan_op = None  # one step needs no loop (short sequences: one chunk)
     if scan_op is not None and torch.compiler.is_dynamo_compiling():
         # Dynamo traces the op itself (the op called in a user's compiled function): it captures
         # scan only through the public wrapper, whose body may close over `extra`

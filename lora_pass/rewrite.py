@@ -164,7 +164,7 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     scale = cand.scale if cand.scale is not None else d**-0.5
     device_type = qv.device.type
     if dynamic:
-        # the chunked low-rank graph is unrolled over a static number of chunks
+        # the low-rank path lays the inputs out in chunks of a static length
         paths, decision = "exact", "dynamic sequence length: exact (the low-rank path needs a static length)"
     elif opts.mode == "exact":
         paths, decision = "exact", 'mode="exact"'
