@@ -123,7 +123,7 @@ def scan(fn, init, xs, extra=()):
         from torch._higher_order_ops.scan import scan_op
     except ImportError:  # pragma: no cover - every supported torch has it
         scan_op = None
-    if scan_op is not None and (xs[0].shape[0] == 1 or not _loop_index_allowed()):
+    if xs[0].shape[0] == 1:
         scan_op = None  # one step needs no loop (short sequences: one chunk)
     if scan_op is not None and torch.compiler.is_dynamo_compiling():
         # Dynamo traces the op itself (the op called in a user's compiled function): it captures
@@ -136,6 +136,8 @@ def scan(fn, init, xs, extra=()):
 
         carry, ys = public_scan(body, init, xs)
         return (() if counter else tuple(carry)), tuple(ys)
+    if scan_op is not None and not _loop_index_allowed():
+        scan_op = None
     if scan_op is None:
         carry, stacked = init, None
         for i in range(xs[0].shape[0]):
