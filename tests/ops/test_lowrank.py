@@ -230,3 +230,33 @@ def test_rows_without_a_visible_key_are_zero(path):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_chunk_loop_compiles_to_one_loop_with_correct_gradients(causal):
+    """The op as the backend inserts it (opaque to Dynamo, traced by AOTAutograd), three chunks:
+    the chunk loops are compiled as loops (`while` in the forward and backward code, not unrolled),
+    and output and gradients equal eager. The loops' initial states share zeros with each other
+    after CSE; a compiled loop that overwrote them gave wrong gradients (compat._own_while_loop_carries)."""
+    from torch._inductor.utils import run_and_get_code
+
+    length = 2 * lowrank.chunk_size(10**6, causal) + 44
+    q, k, v, _ = make_inputs(1, 4, 2, length, 8, None, dtype=torch.float32, q_scale=0.05)
+    cfg = AttentionConfig(scale=8**-0.5, causal=causal, degree=2, r_max=0.5, paths="lowrank")
+
+    @torch.compiler.allow_in_graph
+    def op(q, k, v):
+        return guarded_attention(q, k, v, cfg)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: op(q, k, v), backend="inductor", fullgraph=True)
+    a = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    b = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    (out, grads), codes = run_and_get_code(lambda: (lambda o: (o, torch.autograd.grad(o, a, dout)))(compiled(*a)))
+    ref = guarded_attention(*b, cfg)
+    ref_grads = torch.autograd.grad(ref, b, dout)
+    assert len(codes) == 2 and all("while " in code for code in codes)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
