@@ -139,12 +139,12 @@ def scan(fn, init, xs, extra=()):
     if scan_op is not None and not _loop_index_allowed():
         scan_op = None
     if scan_op is None:
-        carry, stacked = init, None
+        carry, steps = init, []
         for i in range(xs[0].shape[0]):
             out = combine(*carry, *(t[i] for t in xs), *extra)
-            carry, ys = out[:n_init], out[n_init:]
-            stacked = [[y] for y in ys] if stacked is None else [s + [y] for s, y in zip(stacked, ys)]
-        ys = tuple(torch.stack(s) for s in (stacked or []))
+            carry = out[:n_init]
+            steps.append(out[n_init:])
+        ys = tuple(torch.stack(column) for column in zip(*steps))
     else:
         out = scan_op(combine, list(init), list(xs), extra)
         carry, ys = tuple(out[:n_init]), tuple(out[n_init:])
@@ -263,15 +263,15 @@ def _own_while_loop_carries():
 _own_while_loop_carries()
 
 
-def _cond_under_checkpoint():
-    """Let cond run inside an activation-checkpointed region under torch.compile.
+def _control_flow_under_checkpoint():
+    """Let cond and scan run inside an activation-checkpointed region under torch.compile.
 
     AOTAutograd traces a checkpointed region (the tag_activation_checkpoint higher-order op)
     under the selective-checkpointing dispatch modes, which in torch 2.11 - 2.14 have rules for
     some higher-order ops (flex_attention, invoke_subgraph, ...) but not for cond: a guarded site
     inside gradient checkpointing failed with "no rule registered for HigherOrderOperator cond".
     Redirecting cond to the modes, as torch does for those ops, tags it for recomputation like
-    any other op of the region.
+    any other op of the region. scan (the low-rank path's chunk loops) has no rule either.
     """
     try:
         from torch._higher_order_ops.cond import cond_op
@@ -292,7 +292,7 @@ def _cond_under_checkpoint():
                 redirect_to_mode(op, mode)
 
 
-_cond_under_checkpoint()
+_control_flow_under_checkpoint()
 
 
 def annotate_before_ddp_split(annotate, backend) -> None:

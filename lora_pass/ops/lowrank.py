@@ -29,7 +29,7 @@ import math
 import torch
 
 from .. import compat
-from .features import FeatureTensors, taylor_features, taylor_features_vjp
+from .features import FeatureTensors, feature_rank, taylor_features, taylor_features_vjp
 from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 256  # causal: the exact polynomial inside a chunk costs O(L C d)
@@ -77,7 +77,7 @@ class _Prepared:
                  chunk=None, causal=False):
         cdt = compute_dtype(q.dtype)
         self.cdt = cdt
-        self.degree, self.causal, self.softmax_one = degree, causal, softmax_one
+        self.degree, self.softmax_one = degree, softmax_one
         self.tables = tables if tables is not None else FeatureTensors.build(q.shape[-1], degree, q.device)
         b, hq, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
@@ -196,13 +196,9 @@ class _Prepared:
         return (self.null_a, self.null_b) if self.softmax_one else ()
 
     def state_zeros(self, dtype):
-        rank = _rank(self)
+        rank = feature_rank(self.d, self.degree)
         return (torch.zeros(self.b, self.hkv, rank, self.d, dtype=dtype, device=self.kt.device),
                 torch.zeros(self.b, self.hkv, rank, dtype=dtype, device=self.kt.device))
-
-
-def _rank(p: _Prepared) -> int:
-    return sum(idx.shape[0] for idx, _ in p.tables.orders(p.degree)) + 1
 
 
 def _states(p: _Prepared, dtype, prefix=False):
