@@ -3,14 +3,21 @@
 Nothing here forms an L x L matrix: keys and queries are processed in chunks of `chunk` rows,
 features are recomputed in the backward instead of being saved, and every product is
 (rows x k)(k x d) or smaller. Causal attention uses prefix states H_<c, z_<c for earlier chunks
-and the exact Taylor polynomial inside a chunk; its backward runs the scan in reverse.
+and the exact Taylor polynomial inside a chunk.
 
 The loops over chunks are `scan`s (`compat.scan`): traced once, whatever the number of chunks,
 and lowered by Inductor to a loop around one compiled chunk step, so compile time does not grow
-with L and only one chunk's features are alive at a time (peak memory O(L d + C k + k d) for
-chunk size C and k features). The inputs are laid out chunk-major ([N, B, H, C, D]) once, padded
-to a whole number of chunks: padded keys have weight 0 (non-causal) or come after every real
-query (causal), padded query rows are dropped.
+with L and only one chunk's features are alive at a time. A scan runs over chunk numbers and each
+step reads its chunk of q, k, v (dO, O) straight from the inputs (`_take`): the inputs are
+neither copied into a chunk-major layout nor reversed, and the centring and scaling are applied
+to one chunk at a time. Peak memory is the outputs plus O(C k + k d) for chunk size C and
+k features. Lengths that are not a multiple of the chunk are zero-padded (a copy): padded keys
+have weight 0 (non-causal) or come after every real query (causal), padded query rows are dropped.
+
+Causal backward (docs/design.md, "Causal backward in two scans"): a scan in the forward's order
+carries H_<c, z_<c and gives dQ; a scan in reverse order carries the state gradients dH_>c, dz_>c
+of the later chunks and gives dK, dV. Five (rows x k)(k x d) products per chunk, no subtraction
+of states (nothing cancels), and float32 states for float32 compute.
 
 Layout: q [B, Hq, Lq, D] is viewed as [B, Hkv, G * rows, D] per chunk so that the G query heads
 of a KV head share its states (GQA without copying K or V).
@@ -32,8 +39,8 @@ from .. import compat
 from .features import FeatureTensors, feature_rank, taylor_features, taylor_features_vjp
 from .naive import key_center, taylor_polynomial
 
-CHUNK_CAUSAL = 256  # causal: the exact polynomial inside a chunk costs O(L C d)
-CHUNK_FULL = 256  # non-causal: the chunk only bounds the memory of the features
+CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
+CHUNK_FULL = 128  # non-causal: the chunk only bounds the memory of the features
 
 
 def chunk_size(length: int, causal: bool = True) -> int:
@@ -50,27 +57,33 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunked(t: torch.Tensor, dim: int, chunk: int, n: int) -> torch.Tensor:
-    """[..., L, ...] (L at `dim`) -> [n, ..., chunk, ...], contiguous, zero-padded to n * chunk."""
-    pad = n * chunk - t.shape[dim]
-    if pad:
-        t = torch.cat([t, t.new_zeros(t.shape[:dim] + (pad,) + t.shape[dim + 1:])], dim=dim)
-    t = t.reshape(t.shape[:dim] + (n, chunk) + t.shape[dim + 1:])
-    return t.movedim(dim, 0).contiguous()
+def _padded(t: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """t zero-padded along `dim` to `rows` (t itself when it is long enough)."""
+    pad = rows - t.shape[dim]
+    if pad <= 0:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[:dim] + (pad,) + t.shape[dim + 1:])], dim=dim)
+
+
+def _take(t: torch.Tensor, dim: int, chunk: int, i: torch.Tensor) -> torch.Tensor:
+    """Chunk number `i` ([1] int64) of `t` along `dim`: rows i * chunk .. (i + 1) * chunk."""
+    t = t.unflatten(dim, (t.shape[dim] // chunk, chunk))
+    return t.index_select(dim, i).squeeze(dim)
 
 
 def _unchunked(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    """Inverse of `_chunked` for a stacked scan output [n, ..., chunk, ...]."""
+    """A stacked scan output [n, ..., chunk, ...] (chunk at `dim` + 1) -> [..., n * chunk, ...][:length]."""
     t = t.movedim(0, dim)
     t = t.reshape(t.shape[:dim] + (t.shape[dim] * t.shape[dim + 1],) + t.shape[dim + 2:])
     return t.narrow(dim, 0, length)
 
 
 class _Prepared:
-    """Centred, scaled, regrouped and chunk-major inputs shared by forward and backward.
+    """Inputs padded to whole chunks, the key centre, and the per-chunk views of them.
 
-    Per chunk: `qt` [N, B, Hkv, G, C, D], `kt`, `v` [N, B, Hkv, C, D], `w` [N, B, 1, C, 1] (key
-    weights, None without them), `null_a`, `null_b` [N, B, Hkv, G, C, 1] (softmax_one).
+    Stored whole: `q` [B, Hkv, G, Nq * C, D], `k`, `v` [B, Hkv, Nk * C, D] (the inputs' dtype),
+    `w` [B, 1, Nk * C, 1] (key weights; None without them), `mu` [B, Hkv, 1, D]. The chunk
+    helpers below take a chunk number and return it centred, scaled and in the compute dtype.
     """
 
     def __init__(self, q, k, v, scale, key_weight, center=None, degree=2, tables=None, softmax_one=False,
@@ -88,24 +101,21 @@ class _Prepared:
         c = chunk or chunk_size(max(lq, lk, 1), causal)
         self.c = c = max(1, min(c, max(lq, lk, 1)))
         self.nq, self.nk = math.ceil(lq / c), math.ceil(lk / c)
-        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-        qt = (q * self.root).view(b, hkv, self.g, lq, d)
-        mu = key_center(k, key_weight) if center is None else center.to(cdt)
-        self.qt = _chunked(qt, 3, c, self.nq)
-        self.kt = _chunked((k - mu) * self.root, 2, c, self.nk)
-        self.v = _chunked(v, 2, c, self.nk)
-        w = None if key_weight is None else key_weight.to(cdt)[:, None, :, None]
+        self.q = self.queries(q)
+        self.k, self.v = _padded(k, 2, self.nk * c), _padded(v, 2, self.nk * c)
+        self.mu = (key_center(k, key_weight) if center is None else center).to(cdt)
+        w = None if key_weight is None else key_weight[:, None, :, None]
         if w is None and not causal and self.nk * c != lk:
             w = torch.ones(b, 1, lk, 1, dtype=cdt, device=q.device)  # padded keys get weight 0
         self.has_weight = key_weight is not None
-        self.w = None if w is None else _chunked(w, 2, c, self.nk)
-        self.mu_t = mu * self.root  # [B, Hkv, 1, D]: softmax_one's c_i = qt_i . mu_t
-        if softmax_one:
-            cq = (qt * self.mu_t[:, :, None]).sum(-1, keepdim=True)  # [B, Hkv, G, Lq, 1]
-            self.null_a = _chunked(torch.exp(cq.clamp_max(0)), 3, c, self.nq)
-            self.null_b = _chunked(torch.exp(-cq.clamp_min(0)), 3, c, self.nq)
+        self.w = None if w is None else _padded(w, 2, self.nk * c)
+        self.mu_t = self.mu * self.root  # softmax_one's c_i = qt_i . mu_t
 
-    # --- per-chunk helpers (called inside the scan bodies with chunk tensors) ---------------------
+    def queries(self, t):
+        """[B, Hq, Lq, D] (q, dO, O) -> [B, Hkv, G, Nq * C, D], padded."""
+        return _padded(t.view(self.b, self.hkv, self.g, self.lq, self.d), 3, self.nq * self.c)
+
+    # --- one chunk, from its number i ([1] int64) -------------------------------------------------
 
     def rows(self, t):
         """[B, Hkv, G, C, X] -> [B, Hkv, G * C, X]."""
@@ -113,6 +123,26 @@ class _Prepared:
 
     def unrows(self, t):
         return t.view(self.b, self.hkv, self.g, self.c, t.shape[-1])
+
+    def query_rows(self, t, i):
+        """Chunk i of a [B, Hkv, G, Nq * C, X] tensor as [B, Hkv, G * C, X] in the compute dtype."""
+        return self.rows(_take(t, 3, self.c, i)).to(self.cdt)
+
+    def qt(self, q, i):
+        return self.query_rows(q, i) * self.root
+
+    def keys(self, k, v, w, mu, i):
+        """(kt_c, v_c, w_c): centred scaled keys [B, Hkv, C, D], values, weights [B, 1, C, 1] or None."""
+        kt = (_take(k, 2, self.c, i).to(self.cdt) - mu) * self.root
+        vc = _take(v, 2, self.c, i).to(self.cdt)
+        return kt, vc, (None if w is None else _take(w, 2, self.c, i).to(self.cdt))
+
+    def null(self, qr, mu_t):
+        """softmax_one: (a, b) = (e^{min(c, 0)}, e^{-max(c, 0)}) per row, c = qt . mu_t; () otherwise."""
+        if not self.softmax_one:
+            return ()
+        cq = (qr * mu_t).sum(-1, keepdim=True)
+        return torch.exp(cq.clamp_max(0)), torch.exp(-cq.clamp_min(0))
 
     def features(self, x, tables):
         return taylor_features(x, self.degree, FeatureTensors(tables))
@@ -139,7 +169,7 @@ class _Prepared:
         whose keys are all masked out, numerator 0 as well): it is then replaced by 1, so that the
         row's output is 0, the limit of softmax_1, instead of 0 / 0.
         """
-        a, b = (self.rows(t) for t in null)
+        a, b = null
         den_s = b + a * den
         return a, b, den_s.masked_fill(den_s == 0, 1.0)
 
@@ -157,20 +187,20 @@ class _Prepared:
         return num * (a / den_s)
 
     def output_grads(self, den, do_r, o_r, null):
-        """(dN, dden, dc) for the rows of one chunk, O being the forward's output.
+        """(r, dden, dc) for the rows of one chunk, O being the forward's output; dN = dO * r.
 
-        Softmax: O = N / den, dN = dO / den, dden = -rowsum(dO * O) / den, dc = None.
+        Softmax: O = N / den, r = 1 / den, dden = -rowsum(dO * O) / den, dc = None.
         softmax_one: O = a N / den_s with den_s = b + a den (`null_weights`), so
-        dN = dO a / den_s, dden = -rowsum(dO * O) a / den_s, and the null key's weight
+        r = a / den_s, dden = -rowsum(dO * O) a / den_s, and the null key's weight
         e^{-c} = b / a gives dc = rowsum(dO * O) b / den_s (O = N / (e^{-c} + den)).
         """
-        if not self.softmax_one:
-            den = self.visible(den)
-            return do_r / den, -(do_r * o_r).sum(-1, keepdim=True) / den, None
-        a, b, den_s = self.null_weights(den, null)
         delta = (do_r * o_r).sum(-1, keepdim=True)
+        if not self.softmax_one:
+            r = 1 / self.visible(den)
+            return r, -delta * r, None
+        a, b, den_s = self.null_weights(den, null)
         r = a / den_s
-        return do_r * r, -delta * r, delta * (b / den_s)
+        return r, -delta * r, delta * (b / den_s)
 
     def key_grads(self, kt_c, v_c, w_c, dh, dz, tables, pk=None):
         """d(kt), dv of one key chunk from the state gradients dH [.., k, D] and dz [.., k]."""
@@ -182,41 +212,38 @@ class _Prepared:
             dpk = dpk * w_c
         return self.features_vjp(kt_c, dpk, tables), dv_c
 
-    # --- chunk tensors as scan inputs -------------------------------------------------------------
-
-    def key_xs(self):
-        return (self.kt, self.v) + (() if self.w is None else (self.w,))
-
-    def split_keys(self, x):
-        """(kt_c, v_c, w_c, rest) from a scan slice that starts with `key_xs()`."""
-        n = 2 if self.w is None else 3
-        return x[0], x[1], (x[2] if self.w is not None else None), x[n:]
-
-    def null_xs(self):
-        return (self.null_a, self.null_b) if self.softmax_one else ()
-
-    def state_zeros(self, dtype):
+    def state_zeros(self):
         rank = feature_rank(self.d, self.degree)
-        return (torch.zeros(self.b, self.hkv, rank, self.d, dtype=dtype, device=self.kt.device),
-                torch.zeros(self.b, self.hkv, rank, dtype=dtype, device=self.kt.device))
+        return (torch.zeros(self.b, self.hkv, rank, self.d, dtype=self.cdt, device=self.k.device),
+                torch.zeros(self.b, self.hkv, rank, dtype=self.cdt, device=self.k.device))
+
+    def chunk_numbers(self, n, reverse=False):
+        """Scan input [n, 1]: the chunk number each step reads (last chunk first with `reverse`)."""
+        i = torch.arange(n, device=self.k.device)
+        return ((n - 1 - i) if reverse else i).view(n, 1)
+
+    def key_inputs(self):
+        """Loop-invariant scan operands for the key side: k, v, mu, and w when there are weights."""
+        return (self.k, self.v, self.mu) + (() if self.w is None else (self.w,))
+
+    def split_key_inputs(self, extra):
+        """(k, v, w, mu, rest) from operands that start with `key_inputs()`."""
+        n = 3 if self.w is None else 4
+        return extra[0], extra[1], (extra[3] if self.w is not None else None), extra[2], extra[n:]
 
 
-def _states(p: _Prepared, dtype, prefix=False):
-    """H = sum_j Phi(kt_j) v_j^T and z = sum_j Phi(kt_j) over every key chunk, accumulated in `dtype`.
+def _states(p: _Prepared):
+    """H = sum_j Phi(kt_j) v_j^T [B, Hkv, k, D] and z = sum_j Phi(kt_j) [B, Hkv, k] over every key chunk."""
 
-    `prefix`: also return z before each chunk ([N, B, Hkv, k]), for the causal backward.
-    """
-
-    def step(carry, x, tables):
+    def step(carry, x, extra):
         h, z = carry
-        kt_c, v_c, w_c, _ = p.split_keys(x)
+        k, v, w, mu, tables = p.split_key_inputs(extra)
+        kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
         pk = p.key_features(kt_c, w_c, tables)
-        h_new = h + (pk.transpose(-1, -2) @ v_c).to(dtype)
-        z_new = z + pk.sum(-2).to(dtype)
-        return (h_new, z_new), ((z.clone(),) if prefix else ())
+        return (h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)), ()
 
-    (h, z), ys = compat.scan(step, p.state_zeros(dtype), p.key_xs(), tuple(p.tables))
-    return (h, z, ys[0]) if prefix else (h, z)
+    (h, z), _ = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nk),), (*p.key_inputs(), *p.tables))
+    return h, z
 
 
 def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None, chunk=None, center=None,
@@ -229,35 +256,33 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
     if q.shape[2] == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape)
     p = _Prepared(q, k, v, scale, key_weight, center, degree, tables, softmax_one, chunk, causal)
-    nx = len(p.null_xs())
     if not causal:
-        h, z = _states(p, p.cdt)
+        h, z = _states(p)
 
         def query_step(carry, x, extra):
-            qt_c, null = x[0], x[1:1 + nx]
-            h, z, tables = extra[0], extra[1], extra[2:]
-            qr = p.rows(qt_c)
+            q, h, z, mu_t, tables = extra[0], extra[1], extra[2], extra[3], extra[4:]
+            qr = p.qt(q, x[0])
             pq = p.features(qr, tables)
-            return (), (p.unrows(p.normalise(pq @ h, pq @ z[..., None], null)),)
+            return (), (p.unrows(p.normalise(pq @ h, pq @ z[..., None], p.null(qr, mu_t))),)
 
-        _, (out,) = compat.scan(query_step, (), (p.qt, *p.null_xs()), (h, z, *p.tables))
+        _, (out,) = compat.scan(query_step, (), (p.chunk_numbers(p.nq),), (p.q, h, z, p.mu_t, *p.tables))
     else:
-        def step(carry, x, tables):
-            h, z = carry  # prefix states, float64 so that the backward can peel chunks off exactly
-            kt_c, v_c, w_c, rest = p.split_keys(x)
-            qt_c, null = rest[0], rest[1:]
-            qr = p.rows(qt_c)
+        def step(carry, x, extra):
+            h, z = carry  # states of the chunks before this one
+            k, v, w, mu, rest = p.split_key_inputs(extra)
+            q, mu_t, tables = rest[0], rest[1], rest[2:]
+            kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
+            qr = p.qt(q, x[0])
             _, _, a = p.intra(qr, kt_c, w_c)
             pq = p.features(qr, tables)
-            num = a @ v_c + pq @ h.to(p.cdt)
-            den = a.sum(-1, keepdim=True) + pq @ z.to(p.cdt)[..., None]
+            num = a @ v_c + pq @ h
+            den = a.sum(-1, keepdim=True) + pq @ z[..., None]
             pk = p.key_features(kt_c, w_c, tables)
-            h_new = h + (pk.transpose(-1, -2) @ v_c).double()
-            z_new = z + pk.sum(-2).double()
-            return (h_new, z_new), (p.unrows(p.normalise(num, den, null)),)
+            out_c = p.unrows(p.normalise(num, den, p.null(qr, mu_t)))
+            return (h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)), (out_c,)
 
-        _, (out,) = compat.scan(step, p.state_zeros(torch.float64), (*p.key_xs(), p.qt, *p.null_xs()),
-                                tuple(p.tables))
+        _, (out,) = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+                                (*p.key_inputs(), p.q, p.mu_t, *p.tables))
     return _unchunked(out, 3, p.lq).reshape(q.shape).to(q.dtype)
 
 
@@ -271,77 +296,85 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     p = _Prepared(q, k, v, scale, key_weight, center, degree, tables, softmax_one, chunk, causal)
-    cdt = p.cdt
-    shape5 = (p.b, p.hkv, p.g, p.lq, p.d)
-    do = _chunked(dout.to(cdt).view(shape5), 3, p.c, p.nq)
-    o = _chunked(out.to(cdt).view(shape5), 3, p.c, p.nq)
-    nx = len(p.null_xs())
+    do, o = p.queries(dout), p.queries(out)
     if not causal:
-        h, z = _states(p, cdt)
+        h, z = _states(p)
 
         def query_step(carry, x, extra):
             dh, dz = carry
-            qt_c, do_c, o_c, null = x[0], x[1], x[2], x[3:3 + nx]
-            h, z, mu_t, tables = extra[0], extra[1], extra[2], extra[3:]
-            qr = p.rows(qt_c)
+            q, do, o, h, z, mu_t, tables = extra[0], extra[1], extra[2], extra[3], extra[4], extra[5], extra[6:]
+            i = x[0]
+            qr = p.qt(q, i)
             pq = p.features(qr, tables)
-            dn, dden, dc = p.output_grads(pq @ z[..., None], p.rows(do_c), p.rows(o_c), null)
+            do_r = p.query_rows(do, i)
+            r, dden, dc = p.output_grads(pq @ z[..., None], do_r, p.query_rows(o, i), p.null(qr, mu_t))
+            dn = do_r * r
             dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
             dqt = p.features_vjp(qr, dpq, tables)
             if dc is not None:
                 dqt = dqt + dc * mu_t
-            dh_new = dh + pq.transpose(-1, -2) @ dn
-            dz_new = dz + (pq * dden).sum(-2)
-            return (dh_new, dz_new), (p.unrows(dqt),)
+            return (dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)), (p.unrows(dqt * p.root),)
 
-        (dh, dz), (dqt,) = compat.scan(query_step, p.state_zeros(cdt), (p.qt, do, o, *p.null_xs()),
-                                       (h, z, p.mu_t, *p.tables))
+        (dh, dz), (dqt,) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+                                       (p.q, do, o, h, z, p.mu_t, *p.tables))
 
         def key_step(carry, x, extra):
-            kt_c, v_c, w_c, _ = p.split_keys(x)
-            dh, dz, tables = extra[0], extra[1], extra[2:]
+            k, v, w, mu, rest = p.split_key_inputs(extra)
+            dh, dz, tables = rest[0], rest[1], rest[2:]
+            kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
             dkt, dv_c = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
             return (), (dkt * p.root, dv_c)
 
-        _, (dk, dv) = compat.scan(key_step, (), p.key_xs(), (dh, dz, *p.tables))
+        _, (dk, dv) = compat.scan(key_step, (), (p.chunk_numbers(p.nk),), (*p.key_inputs(), dh, dz, *p.tables))
     else:
-        h_total, _, z_prefix = _states(p, torch.float64, prefix=True)
-
-        def step(carry, x, extra):
-            h_suffix, dh, dz = carry  # states of this chunk and later; gradient reaching earlier keys
-            kt_c, v_c, w_c, rest = p.split_keys(x)
-            qt_c, do_c, o_c, z_prev, later, null = rest[0], rest[1], rest[2], rest[3].to(cdt), rest[4], rest[5:]
-            h_total, mu_t, tables = extra[0], extra[1], extra[2:]
-            qr = p.rows(qt_c)
-            pk = p.key_features(kt_c, w_c, tables)
-            h_suffix = h_suffix + (pk.transpose(-1, -2) @ v_c).double()
-            # `later` is 0 for the first chunk: no earlier keys, and not the rounding residue of
-            # h_total - h_suffix (a row with no visible key may have a huge dN, softmax_one)
-            h_prev = (h_total - h_suffix).to(cdt) * later
+        # forward order: prefix states H_<c, z_<c give dQ; each row's r = dN / dO and dden are kept
+        def query_step(carry, x, extra):
+            h, z = carry
+            k, v, w, mu, rest = p.split_key_inputs(extra)
+            q, do, o, mu_t, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
+            i = x[0]
+            kt_c, v_c, w_c = p.keys(k, v, w, mu, i)
+            qr = p.qt(q, i)
             s, m, a = p.intra(qr, kt_c, w_c)
             pq = p.features(qr, tables)
-            den = a.sum(-1, keepdim=True) + pq @ z_prev[..., None]
-            dn, dden, dc = p.output_grads(den, p.rows(do_c), p.rows(o_c), null)
+            do_r = p.query_rows(do, i)
+            den = a.sum(-1, keepdim=True) + pq @ z[..., None]
+            r, dden, dc = p.output_grads(den, do_r, p.query_rows(o, i), p.null(qr, mu_t))
+            dn = do_r * r
             # inside the chunk: exact polynomial, P_g' = P_{g-1}
             ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
-            dpq = dn @ h_prev.transpose(-1, -2) + dden * z_prev[..., None, :]
+            dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
             dqt = ds @ kt_c + p.features_vjp(qr, dpq, tables)
             if dc is not None:
                 dqt = dqt + dc * mu_t
-            # keys of this chunk: inside the chunk, and through the states of every later chunk
-            dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables, pk=pk)
+            pk = p.key_features(kt_c, w_c, tables)
+            return (h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)), (p.unrows(dqt * p.root), r, dden)
+
+        _, (dqt, r_all, dden_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+                                                (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
+
+        # reverse order: the state gradients of the later chunks, dH_>c and dz_>c, give dK and dV
+        def key_step(carry, x, extra):
+            dh, dz = carry
+            k, v, w, mu, rest = p.split_key_inputs(extra)
+            q, do, r_all, dden_all, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
+            i = x[0]
+            kt_c, v_c, w_c = p.keys(k, v, w, mu, i)
+            qr = p.qt(q, i)
+            s, m, a = p.intra(qr, kt_c, w_c)
+            dn = p.query_rows(do, i) * r_all.index_select(0, i).squeeze(0)
+            dden = dden_all.index_select(0, i).squeeze(0)
+            ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
+            dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
             dkt = ds.transpose(-1, -2) @ qr + dkt_inter
             dv_c = a.transpose(-1, -2) @ dn + dv_inter
-            dh_new = dh + pq.transpose(-1, -2) @ dn
-            dz_new = dz + (pq * dden).sum(-2)
-            return (h_suffix, dh_new, dz_new), (p.unrows(dqt), dkt * p.root, dv_c)
+            pq = p.features(qr, tables)
+            return (dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)), (dkt * p.root, dv_c)
 
-        init = (torch.zeros_like(h_total), *p.state_zeros(cdt))
-        later = (torch.arange(p.nq, device=q.device) > 0).to(cdt)
-        xs = tuple(t.flip(0) for t in (*p.key_xs(), p.qt, do, o, z_prefix, later, *p.null_xs()))
-        _, ys = compat.scan(step, init, xs, (h_total, p.mu_t, *p.tables))
-        dqt, dk, dv = (t.flip(0) for t in ys)
-    dq = (_unchunked(dqt, 3, p.lq) * p.root).reshape(q.shape).to(q.dtype)
+        _, (dk, dv) = compat.scan(key_step, p.state_zeros(), (p.chunk_numbers(p.nk, reverse=True),),
+                                  (*p.key_inputs(), p.q, do, r_all, dden_all, *p.tables))
+        dk, dv = dk.flip(0), dv.flip(0)
+    dq = _unchunked(dqt, 3, p.lq).reshape(q.shape).to(q.dtype)
     dk = _unchunked(dk, 2, p.lk).to(k.dtype)
     dv = _unchunked(dv, 2, p.lk).to(v.dtype)
     return dq, dk, dv
