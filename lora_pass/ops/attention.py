@@ -119,9 +119,12 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
         weight = rest[0] if has_weight else None
         return weight, FeatureTensors(rest[1:] if has_weight else rest)
 
+    # the low-rank path accumulates in float32 (ops/lowrank.compute_dtype); the caller's autocast
+    # would cast its products back to bfloat16 / float16, so it runs with autocast off
     def lowrank_fwd(q, k, v, *rest):
         w, tables = split(rest)
-        out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
+        with torch.autocast(q.device.type, enabled=False):
+            out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
         # placeholder logsumexp, of the exact branch's dtype (float64 for float64 inputs)
         return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
 
@@ -131,7 +134,9 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
 
     def lowrank_bwd(dout, q, k, v, out, lse, *rest):
         w, tables = split(rest)
-        grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=w, degree=cfg.degree, tables=tables, **kw)
+        with torch.autocast(q.device.type, enabled=False):
+            grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=w, degree=cfg.degree, tables=tables,
+                                               **kw)
         return tuple(g.contiguous() for g in grads)
 
     def exact_bwd(dout, q, k, v, out, lse, *rest):
