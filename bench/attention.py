@@ -57,18 +57,6 @@ GOALS = {
 # --- worker: one (mode, causal, L) in its own process ---------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _peak_step_memory(step, sync, cuda, device, base_rss) -> tuple[float, str]:
     """MiB that one more step needs above what is live before it, and how it was measured."""
     import torch
@@ -169,12 +157,6 @@ def run_worker(spec: dict) -> dict:
 
 
 # --- driver -----------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 def launch(spec: dict, timeout: float, warm_cache: bool) -> dict:

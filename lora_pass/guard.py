@@ -121,8 +121,8 @@ def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key
 # of bench/attention.py replaces it. Other (d, g) scale with the feature rank: the low-rank cost is
 # O(L k d) against O(L^2 d) for exact attention, so the crossover moves with k.
 CROSSOVER_D64_G2 = {
-    ("cpu", True): 12000,
-    ("cpu", False): 4700,
+    ("cpu", True): 4900,
+    ("cpu", False): 2400,
     ("cuda", True): 8192,
     ("cuda", False): 8192,
 }

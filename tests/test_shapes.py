@@ -113,7 +113,7 @@ def test_dynamic_true_rewrites_every_site(dynamic_default_records):
 
 
 def test_lengths_across_chunk_boundaries_compile_at_most_twice():
-    """A first length of 300 (two chunks of the low-rank scan: 256 + 44) compiles a static graph
+    """A first length of 300 (five chunks of the low-rank scan, 4 x 64 + 44) compiles a static graph
     that runs the low-rank path (mode="lowrank": only that path is compiled); every later length,
     above, below or across the chunk size, runs one dynamic graph (exact). Dynamo's recompile limit is set to 2 and made an error, so a third
     compilation would fail the test."""

@@ -41,16 +41,22 @@ from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
 CHUNK_FULL = 128  # non-causal: the chunk only bounds the memory of the features
+CAUSAL_ONE_CHUNK = 256  # causal sequences up to this long are one chunk: no features at all
 
 
 def chunk_size(length: int, causal: bool = True) -> int:
-    """Rows per chunk: CHUNK_CAUSAL or CHUNK_FULL, or the whole length when it is shorter.
+    """Rows per chunk: the whole length when it is at most CHUNK_FULL (non-causal) or
+    CAUSAL_ONE_CHUNK (causal), else CHUNK_FULL or CHUNK_CAUSAL.
 
     The chunk loop is a scan, compiled once, so the number of chunks costs no compile time;
-    the chunk size sets the causal intra-chunk cost and the memory of one chunk's features.
+    the chunk size sets the causal intra-chunk cost and the memory of one chunk's features
+    (measured on bench/attention.py: 64 rows is fastest for long causal sequences). A causal
+    sequence of one chunk is the masked polynomial alone, O(L^2 d) but with no O(L k d) feature
+    products, which is cheaper for short sequences.
     """
-    target = CHUNK_CAUSAL if causal else CHUNK_FULL
-    return max(1, min(length, target))
+    if causal:
+        return max(1, length if length <= CAUSAL_ONE_CHUNK else CHUNK_CAUSAL)
+    return max(1, min(length, CHUNK_FULL))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,12 +280,13 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
             kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
             qr = p.qt(q, x[0])
             _, _, a = p.intra(qr, kt_c, w_c)
-            pq = p.features(qr, tables)
-            num = a @ v_c + pq @ h
-            den = a.sum(-1, keepdim=True) + pq @ z[..., None]
-            pk = p.key_features(kt_c, w_c, tables)
-            out_c = p.unrows(p.normalise(num, den, p.null(qr, mu_t)))
-            return (h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)), (out_c,)
+            num, den = a @ v_c, a.sum(-1, keepdim=True)
+            if p.nq > 1:  # one chunk has no earlier keys: the states stay 0
+                pq = p.features(qr, tables)
+                num, den = num + pq @ h, den + pq @ z[..., None]
+                pk = p.key_features(kt_c, w_c, tables)
+                h, z = h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)
+            return (h, z), (p.unrows(p.normalise(num, den, p.null(qr, mu_t))),)
 
         _, (out,) = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                 (*p.key_inputs(), p.q, p.mu_t, *p.tables))
@@ -336,19 +343,24 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             kt_c, v_c, w_c = p.keys(k, v, w, mu, i)
             qr = p.qt(q, i)
             s, m, a = p.intra(qr, kt_c, w_c)
-            pq = p.features(qr, tables)
             do_r = p.query_rows(do, i)
-            den = a.sum(-1, keepdim=True) + pq @ z[..., None]
+            den = a.sum(-1, keepdim=True)
+            if p.nq > 1:
+                pq = p.features(qr, tables)
+                den = den + pq @ z[..., None]
             r, dden, dc = p.output_grads(den, do_r, p.query_rows(o, i), p.null(qr, mu_t))
             dn = do_r * r
             # inside the chunk: exact polynomial, P_g' = P_{g-1}
             ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
-            dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
-            dqt = ds @ kt_c + p.features_vjp(qr, dpq, tables)
+            dqt = ds @ kt_c
+            if p.nq > 1:
+                dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
+                dqt = dqt + p.features_vjp(qr, dpq, tables)
+                pk = p.key_features(kt_c, w_c, tables)
+                h, z = h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)
             if dc is not None:
                 dqt = dqt + dc * mu_t
-            pk = p.key_features(kt_c, w_c, tables)
-            return (h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)), (p.unrows(dqt * p.root), r, dden)
+            return (h, z), (p.unrows(dqt * p.root), r, dden)
 
         _, (dqt, r_all, dden_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                                 (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
@@ -365,11 +377,13 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dn = p.query_rows(do, i) * r_all.index_select(0, i).squeeze(0)
             dden = dden_all.index_select(0, i).squeeze(0)
             ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
-            dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
-            dkt = ds.transpose(-1, -2) @ qr + dkt_inter
-            dv_c = a.transpose(-1, -2) @ dn + dv_inter
-            pq = p.features(qr, tables)
-            return (dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)), (dkt * p.root, dv_c)
+            dkt, dv_c = ds.transpose(-1, -2) @ qr, a.transpose(-1, -2) @ dn
+            if p.nk > 1:  # one chunk has no later queries: the state gradients stay 0
+                dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
+                dkt, dv_c = dkt + dkt_inter, dv_c + dv_inter
+                pq = p.features(qr, tables)
+                dh, dz = dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)
+            return (dh, dz), (dkt * p.root, dv_c)
 
         _, (dk, dv) = compat.scan(key_step, p.state_zeros(), (p.chunk_numbers(p.nk, reverse=True),),
                                   (*p.key_inputs(), p.q, do, r_all, dden_all, *p.tables))

@@ -24,6 +24,7 @@ CASES = [
     (1, 2, 1, 12, 4, True, None, 3, 5),
     (1, 2, 2, 7, 6, True, None, 1, 3),
     (1, 1, 1, 1, 4, True, None, 2, 4),
+    (2, 4, 2, 13, 8, True, "padding", 2, 16),  # one causal chunk: the polynomial alone, no features
 ]
 
 
@@ -66,7 +67,7 @@ def test_chunked_matches_surrogate(case):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_default_chunking_covers_lengths_not_multiple_of_chunk(causal):
     """The last chunk is padded: padded keys must not reach any real query, padded rows are dropped."""
-    length = lowrank.chunk_size(10**6, causal) + 37
+    length = multi_chunk_length(causal, 37)
     q, k, v, _ = make_inputs(1, 2, 1, length, 4, None, q_scale=0.2)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = naive.lowrank_attention(qr, kr, vr, scale=0.5, degree=2, causal=causal)
@@ -80,11 +81,16 @@ def test_default_chunking_covers_lengths_not_multiple_of_chunk(causal):
     assert length % lowrank.chunk_size(length, causal) != 0
 
 
+def multi_chunk_length(causal, extra):
+    """The shortest length that the default chunking splits into chunks, plus `extra` rows."""
+    return (lowrank.CAUSAL_ONE_CHUNK if causal else lowrank.CHUNK_FULL) + extra
+
+
 def test_chunk_size_is_bounded_by_the_length_and_the_target():
-    for causal, target in ((True, lowrank.CHUNK_CAUSAL), (False, lowrank.CHUNK_FULL)):
-        for length in (1, 100, 256, 1000, 32768, 100000):
-            c = lowrank.chunk_size(length, causal)
-            assert c == min(length, target)
+    for length in (1, 100, 128, 256, 257, 1000, 32768, 100000):
+        assert lowrank.chunk_size(length, False) == min(length, lowrank.CHUNK_FULL)
+        want = length if length <= lowrank.CAUSAL_ONE_CHUNK else lowrank.CHUNK_CAUSAL
+        assert lowrank.chunk_size(length, True) == want
 
 
 @pytest.mark.parametrize("degree,d", [(1, 5), (2, 6), (3, 4)])
@@ -182,9 +188,9 @@ def test_exact_kernels_match_reference(causal, mask, heads):
 
 @pytest.mark.parametrize("paths", ["guarded", "lowrank"])
 def test_op_compiles_directly_with_fullgraph(paths):
-    """Users may call the op in their own compiled code: Dynamo must trace it whole. Two chunks
-    (L > CHUNK_CAUSAL, not a multiple of it) inside the cond branches."""
-    q, k, v, _ = make_inputs(1, 4, 2, lowrank.CHUNK_CAUSAL + 44, 8, None, dtype=torch.float32, q_scale=0.05)
+    """Users may call the op in their own compiled code: Dynamo must trace it whole. Several chunks
+    (L > CAUSAL_ONE_CHUNK, not a multiple of the chunk) inside the cond branches."""
+    q, k, v, _ = make_inputs(1, 4, 2, multi_chunk_length(True, 44), 8, None, dtype=torch.float32, q_scale=0.05)
     cfg = AttentionConfig(scale=8**-0.5, causal=True, degree=2, r_max=0.5, paths=paths)
     compiled = torch.compile(lambda q, k, v: guarded_attention(q, k, v, cfg), fullgraph=True)
     a = tuple(t.clone().requires_grad_() for t in (q, k, v))
@@ -234,13 +240,14 @@ def test_rows_without_a_visible_key_are_zero(path):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_chunk_loop_compiles_to_one_loop_with_correct_gradients(causal):
-    """The op as the backend inserts it (opaque to Dynamo, traced by AOTAutograd), three chunks:
+    """The op as the backend inserts it (opaque to Dynamo, traced by AOTAutograd), several chunks:
     the chunk loops are compiled as loops (`while` in the forward and backward code, not unrolled),
     and output and gradients equal eager. The loops' initial states share zeros with each other
     after CSE; a compiled loop that overwrote them gave wrong gradients (compat._own_while_loop_carries)."""
     from torch._inductor.utils import run_and_get_code
 
-    length = 2 * lowrank.chunk_size(10**6, causal) + 44
+    length = multi_chunk_length(causal, 44)
+    assert math.ceil(length / lowrank.chunk_size(length, causal)) >= 2
     q, k, v, _ = make_inputs(1, 4, 2, length, 8, None, dtype=torch.float32, q_scale=0.05)
     cfg = AttentionConfig(scale=8**-0.5, causal=causal, degree=2, r_max=0.5, paths="lowrank")
 

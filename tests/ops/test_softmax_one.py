@@ -98,6 +98,7 @@ CASES = [
     (1, 2, 1, 12, 4, True, None, 3, 5),
     (1, 2, 2, 7, 6, True, None, 1, 3),
     (1, 1, 1, 1, 4, True, None, 2, 4),
+    (2, 2, 1, 11, 4, True, "padding", 2, 16),  # one causal chunk: the polynomial alone, no features
 ]
 
 
