@@ -168,6 +168,16 @@ class _Prepared:
             m = m * w_c.transpose(-1, -2)
         return s, m, taylor_polynomial(s, self.degree) * m
 
+    def causal_chunk(self, k, v, w, mu, q, i):
+        """Chunk i of a causal sequence: (kt_c, v_c, w_c, qr) and the intra-chunk (S, mask, A)."""
+        kt_c, v_c, w_c = self.keys(k, v, w, mu, i)
+        qr = self.qt(q, i)
+        return (kt_c, v_c, w_c, qr), self.intra(qr, kt_c, w_c)
+
+    def intra_grad(self, s, m, dn, dden, v_c):
+        """dS inside a causal chunk from dN and dden: the exact polynomial, P_g' = P_{g-1}."""
+        return (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, self.degree - 1)
+
     def null_weights(self, den, null):
         """softmax_one: (a, b + a * den) with a = e^{min(c, 0)}, b = e^{-max(c, 0)} for one chunk.
 
@@ -277,9 +287,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
             h, z = carry  # states of the chunks before this one
             k, v, w, mu, rest = p.split_key_inputs(extra)
             q, mu_t, tables = rest[0], rest[1], rest[2:]
-            kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
-            qr = p.qt(q, x[0])
-            _, _, a = p.intra(qr, kt_c, w_c)
+            (kt_c, v_c, w_c, qr), (_, _, a) = p.causal_chunk(k, v, w, mu, q, x[0])
             num, den = a @ v_c, a.sum(-1, keepdim=True)
             if p.nq > 1:  # one chunk has no earlier keys: the states stay 0
                 pq = p.features(qr, tables)
@@ -340,9 +348,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             k, v, w, mu, rest = p.split_key_inputs(extra)
             q, do, o, mu_t, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
             i = x[0]
-            kt_c, v_c, w_c = p.keys(k, v, w, mu, i)
-            qr = p.qt(q, i)
-            s, m, a = p.intra(qr, kt_c, w_c)
+            (kt_c, v_c, w_c, qr), (s, m, a) = p.causal_chunk(k, v, w, mu, q, i)
             do_r = p.query_rows(do, i)
             den = a.sum(-1, keepdim=True)
             if p.nq > 1:
@@ -350,9 +356,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 den = den + pq @ z[..., None]
             r, dden, dc = p.output_grads(den, do_r, p.query_rows(o, i), p.null(qr, mu_t))
             dn = do_r * r
-            # inside the chunk: exact polynomial, P_g' = P_{g-1}
-            ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
-            dqt = ds @ kt_c
+            dqt = p.intra_grad(s, m, dn, dden, v_c) @ kt_c
             if p.nq > 1:
                 dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
                 dqt = dqt + p.features_vjp(qr, dpq, tables)
@@ -371,13 +375,11 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             k, v, w, mu, rest = p.split_key_inputs(extra)
             q, do, r_all, dden_all, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
             i = x[0]
-            kt_c, v_c, w_c = p.keys(k, v, w, mu, i)
-            qr = p.qt(q, i)
-            s, m, a = p.intra(qr, kt_c, w_c)
+            (kt_c, v_c, w_c, qr), (s, m, a) = p.causal_chunk(k, v, w, mu, q, i)
             dn = p.query_rows(do, i) * r_all.index_select(0, i).squeeze(0)
             dden = dden_all.index_select(0, i).squeeze(0)
-            ds = (dn @ v_c.transpose(-1, -2) + dden) * m * taylor_polynomial(s, p.degree - 1)
-            dkt, dv_c = ds.transpose(-1, -2) @ qr, a.transpose(-1, -2) @ dn
+            dkt = p.intra_grad(s, m, dn, dden, v_c).transpose(-1, -2) @ qr
+            dv_c = a.transpose(-1, -2) @ dn
             if p.nk > 1:  # one chunk has no later queries: the state gradients stay 0
                 dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
                 dkt, dv_c = dkt + dkt_inter, dv_c + dv_inter
