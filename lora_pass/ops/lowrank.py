@@ -218,10 +218,9 @@ class _Prepared:
         r = a / den_s
         return r, -delta * r, delta * (b / den_s)
 
-    def key_grads(self, kt_c, v_c, w_c, dh, dz, tables, pk=None):
+    def key_grads(self, kt_c, v_c, w_c, dh, dz, tables):
         """d(kt), dv of one key chunk from the state gradients dH [.., k, D] and dz [.., k]."""
-        if pk is None:
-            pk = self.key_features(kt_c, w_c, tables)
+        pk = self.key_features(kt_c, w_c, tables)
         dpk = v_c @ dh.transpose(-1, -2) + dz[..., None, :]
         dv_c = pk @ dh
         if w_c is not None:
