@@ -144,7 +144,11 @@ def run_worker(spec: dict) -> dict:
     result = {"mode": mode, "causal": causal, "length": length, "threads": torch.get_num_threads()}
     result.update(_compile_and_time(step, spec, sync, MIN_SAMPLE_S))
     result["compile_peak_rss_mb"] = _rss_mb("VmHWM") - base_rss  # the compiler's own memory
-    result["peak_mem_mb"], result["mem_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
+    if cuda:
+        result["peak_mem_mb"], result["mem_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
+    else:  # tensor memory (the goal), and resident memory with the allocator's and pages' slack
+        result["peak_mem_mb"], result["mem_method"] = common.allocated_peak_mb(step), "CPU allocator peak (profiler)"
+        result["peak_rss_mb"], result["rss_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
 
     if mode == "exact":  # the guard, as the op computes it once per forward
         guard = torch.compile(lambda a, b: norm_bound(a, b, scale=scale), backend="inductor", fullgraph=True)
@@ -190,6 +194,8 @@ def summarise(runs: list[dict], lengths, causals) -> list[dict]:
                 "guard_percent": 100 * t_gd / t_ex if t_gd and t_ex else None,
                 "exact_peak_mb": ex.get("peak_mem_mb"),
                 "lowrank_peak_mb": lr.get("peak_mem_mb"),
+                "exact_rss_mb": ex.get("peak_rss_mb"),
+                "lowrank_rss_mb": lr.get("peak_rss_mb"),
                 "exact_compile_s": ex.get("compile_s"),
                 "lowrank_compile_s": lr.get("compile_s"),
                 "bound": ex.get("bound"),
@@ -273,6 +279,7 @@ HEADERS = {
     "causal": "causal", "length": "L", "exact_ms": "exact ms", "lowrank_ms": "lowrank ms",
     "speedup": "exact/lowrank", "guard_ms": "guard ms", "guard_percent": "guard %",
     "exact_peak_mb": "exact peak MiB", "lowrank_peak_mb": "lowrank peak MiB",
+    "exact_rss_mb": "exact RSS MiB", "lowrank_rss_mb": "lowrank RSS MiB",
     "exact_compile_s": "exact compile s", "lowrank_compile_s": "lowrank compile s", "bound": "R",
     "other_load": "other load",
 }
@@ -316,8 +323,10 @@ def write_markdown(path, report, rows):
         f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
         "are forward + backward (guard: forward only, it runs once per forward). Exact is",
         "`scaled_dot_product_attention` compiled by Inductor; lowrank is the op with `paths=\"lowrank\"`.",
-        "Peak memory is the growth of resident memory (CPU) or of allocated memory (CUDA) over one",
-        "compiled step, above what is live before it (inputs, compiled code). Compile time is the first",
+        "Peak memory is the tensor memory one compiled step allocates above what is live before it",
+        "(inputs, compiled code): `torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's running",
+        "total as the profiler records it on CPU. RSS is the growth of resident memory over the step on",
+        "CPU (tensors plus the allocator's and pages' slack). Compile time is the first",
         f"forward + backward call with {'a warm' if report['settings']['warm_cache'] else 'an empty'} Inductor cache "
         "(wall clock). `other load` is the number of cores other processes kept busy while a row was timed.",
         *(["With the wall clock a sample during which they used more than 0.25 cores is discarded and",

@@ -2,7 +2,8 @@
 
 The conventions are those of bench/attention.py: results go to `bench/results/<machine>/`
 (`machine_slug`), each configuration can run in a fresh interpreter that prints one JSON line
-after `RESULT_TAG` (`launch`), CPU peak memory is the growth of VmHWM over one step after a reset
+after `RESULT_TAG` (`launch`), CPU peak memory is the tensor memory one step allocates
+(`allocated_peak_mb`, from the profiler) and the growth of VmHWM over one step after a reset
 through /proc/self/clear_refs, and a timing sample during which other processes kept cores busy
 is set aside and taken again (`timed_samples`). Every report carries the command line, date,
 torch and Python versions and the CPU or GPU name (`environment`).
@@ -176,6 +177,39 @@ def wait_until_idle(max_wait: float, threshold: float = MAX_OTHER_LOAD) -> float
     while time.perf_counter() - start < max_wait and machine_busy(0.5) >= threshold:
         pass
     return time.perf_counter() - start
+
+
+def allocated_peak_mb(step) -> float | None:
+    """MiB of tensor memory one call of `step` allocates above what is live before it, on CPU.
+
+    The CPU allocator reports every allocation and free to the profiler with its running total
+    (`profile_memory=True`): the largest total during the call, less the total before it, is the
+    CPU counterpart of `torch.cuda.max_memory_allocated`, exact to the byte and free of the
+    page and heap slack that resident memory carries. None where the profiler gives no events.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:  # pragma: no cover - private, present in every supported torch
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.typed[0] == _EventType.Allocation:
+                events.append((node.start_time_ns, node.typed[1].alloc_size, node.typed[1].total_allocated))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    if not events:
+        return None
+    events.sort()
+    before = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) / 2**20 - before / 2**20
 
 
 def peak_step_memory(step, sync, device: str) -> tuple[float | None, str]:

@@ -27,6 +27,7 @@ from .. import compat
 from ..guard import norm_bound
 from .exact import exact_attention_backward, exact_attention_forward
 from .features import FeatureTensors
+from .layout import heads_inner, like, row_major
 from .lowrank import compute_dtype, lowrank_attention_backward, lowrank_attention_forward
 
 STATS_FIELDS = (
@@ -126,24 +127,55 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
         with torch.autocast(q.device.type, enabled=False):
             out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
         # placeholder logsumexp, of the exact branch's dtype (float64 for float64 inputs)
-        return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
+        return like(out, q), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
 
     def exact_fwd(q, k, v, *rest):
         out, lse = exact_attention_forward(q, k, v, key_weight=split(rest)[0], **kw)
-        return out.contiguous(), lse.contiguous()
+        return like(out, q), row_major(lse)
 
     def lowrank_bwd(dout, q, k, v, out, lse, *rest):
         w, tables = split(rest)
         with torch.autocast(q.device.type, enabled=False):
             grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=w, degree=cfg.degree, tables=tables,
                                                **kw)
-        return tuple(g.contiguous() for g in grads)
+        return tuple(heads_inner(g) for g in grads)
 
     def exact_bwd(dout, q, k, v, out, lse, *rest):
         grads = exact_attention_backward(dout, q, k, v, out, lse, key_weight=split(rest)[0], **kw)
-        return tuple(g.contiguous() for g in grads)
+        return tuple(heads_inner(g) for g in grads)
 
     return lowrank_fwd, exact_fwd, lowrank_bwd, exact_bwd
+
+
+def _operands(*tensors):
+    """The tensors as `cond` operands, copied only where they must be.
+
+    Both paths read any layout whose last dim is dense, so the model's heads-inside q, k, v pass
+    as they are (ops/layout.py). `cond` refuses operands that share memory, so a tensor whose
+    storage an earlier one uses (q, k, v split from one fused projection, or the same tensor
+    passed twice) is copied, as is one with a strided last dim. Dynamo cannot trace storage
+    identities: when it traces the op itself (a user's compiled function calls it), every operand
+    is made contiguous, which copies the views that could share memory.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        out = []
+        for t in tensors:
+            t = t.contiguous()
+            out.append(t.clone() if any(t is u for u in out) else t)
+        return out
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    out, seen = [], set()
+    for t in tensors:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref in seen:
+            t = t.clone(memory_format=torch.contiguous_format)
+            ref = StorageWeakRef(t.untyped_storage())
+        elif t.stride(-1) != 1:
+            t = t.contiguous()
+        seen.add(ref)
+        out.append(t)
+    return out
 
 
 class GuardedAttention(torch.autograd.Function):
@@ -152,7 +184,7 @@ class GuardedAttention(torch.autograd.Function):
         lowrank_fwd, exact_fwd, _, _ = _branches(cfg, key_weight is not None)
         extra = () if key_weight is None else (key_weight,)
         tables = tuple(FeatureTensors.build(q.shape[-1], cfg.degree, q.device)) if cfg.paths != "exact" else ()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _operands(q, k, v)
         if cfg.paths == "exact":
             pred = torch.zeros((), dtype=torch.bool, device=q.device)
             bound = torch.full((), math.nan, device=q.device)
@@ -177,7 +209,8 @@ class GuardedAttention(torch.autograd.Function):
         cfg = ctx.cfg
         _, _, lowrank_bwd, exact_bwd = _branches(cfg, ctx.has_weight)
         tables = tuple(FeatureTensors.build(q.shape[-1], cfg.degree, q.device)) if cfg.paths != "exact" else ()
-        args = (dout.contiguous(), q, k, v, out, lse, *extra, *tables)
+        q, k, v, out, dout = _operands(q, k, v, out, dout)
+        args = (dout, q, k, v, out, lse, *extra, *tables)
         if cfg.paths == "exact":
             dq, dk, dv = exact_bwd(*args)
         elif cfg.paths == "lowrank":

@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from .layout import row_major_strides
+
 
 def feature_rank(head_dim: int, degree: int) -> int:
     """Number of features k = C(d + g, g)."""
@@ -106,14 +108,6 @@ def _doubled(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x], dim=-1)
 
 
-def _row_major_strides(shape) -> tuple:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
 def _cyclic_rows(x: torch.Tensor) -> int:
     """Number of full rows s = 1 .. ceil(d / 2) - 1 of the cyclic pair layout."""
     return (x.shape[-1] - 1) // 2
@@ -127,7 +121,7 @@ def _shifted(x: torch.Tensor) -> torch.Tensor:
     """
     d, rows = x.shape[-1], _cyclic_rows(x)
     xx = _doubled(x)
-    st = _row_major_strides(xx.shape)
+    st = row_major_strides(xx.shape)
     return xx.as_strided(xx.shape[:-1] + (rows, d), st[:-1] + (1, 1), 1)
 
 
@@ -155,7 +149,7 @@ def _quadratic_vjp(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         # gx padded with one zero in front and d behind (so that both views stay in bounds)
         gx = (go * x[..., None, :]).flatten(-2)
         gx = torch.cat([gx.new_zeros(gx.shape[:-1] + (1,)), gx, gx.new_zeros(gx.shape[:-1] + (d,))], dim=-1)
-        st = _row_major_strides(gx.shape)
+        st = row_major_strides(gx.shape)
         size, stride = gx.shape[:-1] + (rows, d), st[:-1] + (d - 1, 1)
         s = torch.arange(1, rows + 1, device=x.device)[:, None]
         b = torch.arange(d, device=x.device)

@@ -10,14 +10,17 @@ and lowered by Inductor to a loop around one compiled chunk step, so compile tim
 with L and only one chunk's features are alive at a time. A scan runs over chunk numbers and each
 step reads its chunk of q, k, v (dO, O) straight from the inputs (`_take`): the inputs are
 neither copied into a chunk-major layout nor reversed, and the centring and scaling are applied
-to one chunk at a time. Peak memory is the outputs plus O(C k + k d) for chunk size C and
-k features. Lengths that are not a multiple of the chunk are zero-padded (a copy): padded keys
-have weight 0 (non-causal) or come after every real query (causal), padded query rows are dropped.
+to one chunk at a time. Outputs are written heads inside ([B, L, H, D] transposed, the flash
+kernel's layout, ops/layout.py), which for B = 1 makes the stacked scan output the result itself.
+Peak memory is the outputs plus O(C k + k d) per head for chunk size C and k features.
+Lengths that are not a multiple of the chunk are zero-padded (a copy): padded keys have weight 0
+(non-causal) or come after every real query (causal), padded query rows are dropped.
 
 Causal backward (docs/design.md, "Causal backward in two scans"): a scan in the forward's order
 carries H_<c, z_<c and gives dQ; a scan in reverse order carries the state gradients dH_>c, dz_>c
-of the later chunks and gives dK, dV. Five (rows x k)(k x d) products per chunk, no subtraction
-of states (nothing cancels), and float32 states for float32 compute.
+of the later chunks and gives dK, dV (put back in order by one copy). Five (rows x k)(k x d)
+products per chunk, no subtraction of states (nothing cancels), and float32 states for float32
+compute.
 
 Layout: q [B, Hq, Lq, D] is viewed as [B, Hkv, G * rows, D] per chunk so that the G query heads
 of a KV head share its states (GQA without copying K or V).
@@ -37,6 +40,7 @@ import torch
 
 from .. import compat
 from .features import FeatureTensors, feature_rank, taylor_features, taylor_features_vjp
+from .layout import heads_inner, like
 from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
@@ -77,11 +81,11 @@ def _take(t: torch.Tensor, dim: int, chunk: int, i: torch.Tensor) -> torch.Tenso
     return t.index_select(dim, i).squeeze(dim)
 
 
-def _unchunked(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    """A stacked scan output [n, ..., chunk, ...] (chunk at `dim` + 1) -> [..., n * chunk, ...][:length]."""
-    t = t.movedim(0, dim)
-    t = t.reshape(t.shape[:dim] + (t.shape[dim] * t.shape[dim + 1],) + t.shape[dim + 2:])
-    return t.narrow(dim, 0, length)
+def _sequence(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Stacked per-chunk outputs [n, B, C, *heads, D] -> [B, H, length, D], stored heads inside
+    ([B, L, H, D] transposed, ops/layout.py): a view for B = 1, one copy otherwise."""
+    t = t.movedim(0, 1).flatten(1, 2).flatten(2, -2)
+    return t.narrow(1, 0, length).transpose(1, 2)
 
 
 class _Prepared:
@@ -129,6 +133,15 @@ class _Prepared:
 
     def unrows(self, t):
         return t.view(self.b, self.hkv, self.g, self.c, t.shape[-1])
+
+    def query_out(self, t):
+        """Rows [B, Hkv, G * C, D] of an output -> [B, C, Hkv, G, D], a step's slice of `_sequence`."""
+        return self.unrows(t).permute(0, 3, 1, 2, 4)
+
+    @staticmethod
+    def key_out(t):
+        """[B, Hkv, C, D] -> [B, C, Hkv, D], a step's slice of `_sequence`."""
+        return t.transpose(1, 2)
 
     def query_rows(self, t, i):
         """Chunk i of a [B, Hkv, G, Nq * C, X] tensor as [B, Hkv, G * C, X] in the compute dtype."""
@@ -278,7 +291,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
             q, h, z, mu_t, tables = extra[0], extra[1], extra[2], extra[3], extra[4:]
             qr = p.qt(q, x[0])
             pq = p.features(qr, tables)
-            return (), (p.unrows(p.normalise(pq @ h, pq @ z[..., None], p.null(qr, mu_t))),)
+            return (), (p.query_out(p.normalise(pq @ h, pq @ z[..., None], p.null(qr, mu_t))),)
 
         _, (out,) = compat.scan(query_step, (), (p.chunk_numbers(p.nq),), (p.q, h, z, p.mu_t, *p.tables))
     else:
@@ -293,11 +306,11 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
                 num, den = num + pq @ h, den + pq @ z[..., None]
                 pk = p.key_features(kt_c, w_c, tables)
                 h, z = h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)
-            return (h, z), (p.unrows(p.normalise(num, den, p.null(qr, mu_t))),)
+            return (h, z), (p.query_out(p.normalise(num, den, p.null(qr, mu_t))),)
 
         _, (out,) = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                 (*p.key_inputs(), p.q, p.mu_t, *p.tables))
-    return _unchunked(out, 3, p.lq).reshape(q.shape).to(q.dtype)
+    return like(_sequence(out, p.lq).to(q.dtype), q)
 
 
 def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None,
@@ -327,7 +340,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dqt = p.features_vjp(qr, dpq, tables)
             if dc is not None:
                 dqt = dqt + dc * mu_t
-            return (dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)), (p.unrows(dqt * p.root),)
+            return (dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)), (p.query_out(dqt * p.root),)
 
         (dh, dz), (dqt,) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                        (p.q, do, o, h, z, p.mu_t, *p.tables))
@@ -337,7 +350,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dh, dz, tables = rest[0], rest[1], rest[2:]
             kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
             dkt, dv_c = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
-            return (), (dkt * p.root, dv_c)
+            return (), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
         _, (dk, dv) = compat.scan(key_step, (), (p.chunk_numbers(p.nk),), (*p.key_inputs(), dh, dz, *p.tables))
     else:
@@ -363,7 +376,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 h, z = h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)
             if dc is not None:
                 dqt = dqt + dc * mu_t
-            return (h, z), (p.unrows(dqt * p.root), r, dden)
+            return (h, z), (p.query_out(dqt * p.root), r, dden)
 
         _, (dqt, r_all, dden_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                                 (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
@@ -384,12 +397,11 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 dkt, dv_c = dkt + dkt_inter, dv_c + dv_inter
                 pq = p.features(qr, tables)
                 dh, dz = dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)
-            return (dh, dz), (dkt * p.root, dv_c)
+            return (dh, dz), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
         _, (dk, dv) = compat.scan(key_step, p.state_zeros(), (p.chunk_numbers(p.nk, reverse=True),),
                                   (*p.key_inputs(), p.q, do, r_all, dden_all, *p.tables))
         dk, dv = dk.flip(0), dv.flip(0)
-    dq = _unchunked(dqt, 3, p.lq).reshape(q.shape).to(q.dtype)
-    dk = _unchunked(dk, 2, p.lk).to(k.dtype)
-    dv = _unchunked(dv, 2, p.lk).to(v.dtype)
-    return dq, dk, dv
+    # heads inside, as the flash kernel gives its gradients (ops/layout.py)
+    dq = heads_inner(_sequence(dqt, p.lq).to(q.dtype))
+    return dq, heads_inner(_sequence(dk, p.lk).to(k.dtype)), heads_inner(_sequence(dv, p.lk).to(v.dtype))
