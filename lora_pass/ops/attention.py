@@ -120,6 +120,9 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
         weight = rest[0] if has_weight else None
         return weight, FeatureTensors(rest[1:] if has_weight else rest)
 
+    # Both paths' outputs get the flash kernel's layouts here (ops/layout.py): the output like q,
+    # the gradients heads inside, so that the cond branches agree; a no-op view where the path
+    # already wrote them so.
     # the low-rank path accumulates in float32 (ops/lowrank.compute_dtype); the caller's autocast
     # would cast its products back to bfloat16 / float16, so it runs with autocast off
     def lowrank_fwd(q, k, v, *rest):

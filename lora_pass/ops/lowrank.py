@@ -11,7 +11,8 @@ with L and only one chunk's features are alive at a time. A scan runs over chunk
 step reads its chunk of q, k, v (dO, O) straight from the inputs (`_take`): the inputs are
 neither copied into a chunk-major layout nor reversed, and the centring and scaling are applied
 to one chunk at a time. Outputs are written heads inside ([B, L, H, D] transposed, the flash
-kernel's layout, ops/layout.py), which for B = 1 makes the stacked scan output the result itself.
+kernel's layout, ops/layout.py), which for B = 1 makes the stacked scan output the result itself;
+the op (ops/attention.py) fixes the final layouts of both paths in one place.
 Peak memory is the outputs plus O(C k + k d) per head for chunk size C and k features.
 Lengths that are not a multiple of the chunk are zero-padded (a copy): padded keys have weight 0
 (non-causal) or come after every real query (causal), padded query rows are dropped.
@@ -40,7 +41,6 @@ import torch
 
 from .. import compat
 from .features import FeatureTensors, feature_rank, taylor_features, taylor_features_vjp
-from .layout import heads_inner, like
 from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
@@ -310,7 +310,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
 
         _, (out,) = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                 (*p.key_inputs(), p.q, p.mu_t, *p.tables))
-    return like(_sequence(out, p.lq).to(q.dtype), q)
+    return _sequence(out, p.lq).to(q.dtype)
 
 
 def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key_weight=None, chunk=None,
@@ -402,6 +402,4 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
         _, (dk, dv) = compat.scan(key_step, p.state_zeros(), (p.chunk_numbers(p.nk, reverse=True),),
                                   (*p.key_inputs(), p.q, do, r_all, dden_all, *p.tables))
         dk, dv = dk.flip(0), dv.flip(0)
-    # heads inside, as the flash kernel gives its gradients (ops/layout.py)
-    dq = heads_inner(_sequence(dqt, p.lq).to(q.dtype))
-    return dq, heads_inner(_sequence(dk, p.lk).to(k.dtype)), heads_inner(_sequence(dv, p.lk).to(v.dtype))
+    return _sequence(dqt, p.lq).to(q.dtype), _sequence(dk, p.lk).to(k.dtype), _sequence(dv, p.lk).to(v.dtype)
