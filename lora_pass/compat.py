@@ -80,6 +80,12 @@ def register_graph_buffer(gm, name: str) -> None:
         sources[name] = ConstantSource(f"__lowrank_lora_{name}")
 
 
+def unregister_graph_buffer(gm, name: str) -> None:
+    """Undo `register_graph_buffer` (nothing to do where it was not registered)."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        sources.pop(name, None)
+
 
 def cond(pred, true_fn, false_fn, operands):
     """The cond higher-order op itself, without torch.cond's own Dynamo pass over the branches.

@@ -292,13 +292,37 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.Ma
     name = f"lowrank_lora_site_{site.index}_{digest}"
     while hasattr(gm, name):
         name += "_"
-    gm.add_submodule(name, module)
-    if module.stats is not None:
-        compat.register_graph_buffer(gm, f"{name}.stats")
-    site.submodule = name
+    # Transactional: everything that can fail runs before the graph's existing nodes change, and
+    # a failure removes what this site added, so the other sites' rewrites still compile.
     # exact sites keep the model's own mask where it has runtime parts (padding); the low-rank
     # path needs only the per-key factors, so the L x L mask is then no longer built
     keep_mask = cand.mask if site.paths == "exact" and mask.factors and not cand.softmax_one else None
+    before = set(gm.graph.nodes)
+    gm.add_submodule(name, module)
+    try:
+        if module.stats is not None:
+            compat.register_graph_buffer(gm, f"{name}.stats")
+        result = _insert_call(gm, cand, site, mask, keep_mask, name, telemetry_norms, frozen, qv)
+    except Exception:
+        for node in reversed([n for n in gm.graph.nodes if n not in before]):
+            gm.graph.erase_node(node)
+        gm.delete_submodule(name)
+        compat.unregister_graph_buffer(gm, f"{name}.stats")
+        raise
+    site.submodule = name
+    for proj in site.projections.values():  # the record keeps plain data, no graph nodes
+        proj.nodes = {}
+    cand.output.replace_all_uses_with(result)
+    for node in cand.nodes:  # the core's nodes, output first: each is dead once its user is gone
+        if not node.users:
+            gm.graph.erase_node(node)
+    if cand.mask is not None and keep_mask is None:
+        _erase_dead(gm.graph, cand.mask)
+
+
+def _insert_call(gm, cand, site, mask, keep_mask, name, telemetry_norms, frozen, qv):
+    """Insert the call of the site's submodule before the attention output; -> its result node."""
+    pq, pk = site.projections["q"], site.projections["k"]
     out_value = matcher.meta_value(cand.output)
     with gm.graph.inserting_before(cand.output):
         args = (cand.q, cand.k, cand.v, keep_mask, [node for node, _ in mask.factors])
@@ -311,14 +335,7 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.Ma
         if out_value is not None and out_value.dtype != qv.dtype:
             result = gm.graph.call_method("to", (new, out_value.dtype))
             result.meta = dict(cand.output.meta)
-    for proj in site.projections.values():  # the record keeps plain data, no graph nodes
-        proj.nodes = {}
-    cand.output.replace_all_uses_with(result)
-    for node in cand.nodes:  # the core's nodes, output first: each is dead once its user is gone
-        if not node.users:
-            gm.graph.erase_node(node)
-    if cand.mask is not None and keep_mask is None:
-        _erase_dead(gm.graph, cand.mask)
+    return result
 
 
 def _erase_dead(graph: fx.Graph, node: fx.Node):
