@@ -293,37 +293,69 @@ def _base_linear(node):
 
 
 def _peft_lora(node) -> Projection | None:
-    """base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, in either order of the sum."""
-    if not is_call(node, ADD) or len(node.args) != 2:
+    """base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, the terms in any order; with several
+    active adapters, one such update per adapter added onto the base layer."""
+    terms = _sum_terms(node)
+    if len(terms) < 2:
         return None
-    for base, update in (node.args, node.args[::-1]):
+    for i, base in enumerate(terms):
         linear = _base_linear(base)
         if linear is None:
             continue
-        scaling = 1.0
-        if is_call(update, MUL):
-            a, b = update.args
-            if scalar(b) is not None:
-                update, scaling = a, float(b)
-            elif scalar(a) is not None:
-                update, scaling = b, float(a)
-            else:
-                continue
-        if not (is_call(update, LINEAR) and is_call(update.args[0], LINEAR)):
+        updates = [_lora_update(t, linear[1]["x"]) for j, t in enumerate(terms) if j != i]
+        if any(u is None for u in updates):
             continue
-        lora_a = update.args[0]
-        x, dropout = lora_a.args[0], 0.0
-        nodes = linear[1]
-        if x is not nodes["x"] and is_call(x, {torch.nn.functional.dropout}):  # LoRA's own dropout
-            dropout = float(arg(x, 1, "p", 0.5))
-            x = x.args[0]
-        if x is not nodes["x"]:
-            continue
-        a_weight = meta_value(lora_a.args[1])
-        rank = int(a_weight.shape[0]) if a_weight is not None else None
-        nodes = {**nodes, "lora_a": lora_a.args[1], "lora_b": update.args[1]}
-        return Projection(True, rank, scaling, dropout, _lora_owner(lora_a), nodes=nodes)
+        if len(updates) == 1:
+            scaling, dropout, lora_a, lora_b = updates[0]
+            a_weight = meta_value(lora_a.args[1])
+            rank = int(a_weight.shape[0]) if a_weight is not None else None
+            nodes = {**linear[1], "lora_a": lora_a.args[1], "lora_b": lora_b}
+            return Projection(True, rank, scaling, dropout, _lora_owner(lora_a), nodes=nodes)
+        # several adapters: the record sums their ranks and keeps a scaling only where they share
+        # one; the telemetry's composed norms read a single (lora_A, lora_B) pair, so no nodes are
+        # kept and those norms stay NaN rather than leave adapters out
+        weights = [meta_value(u[2].args[1]) for u in updates]
+        rank = sum(int(w.shape[0]) for w in weights) if all(w is not None for w in weights) else None
+        scalings = {u[0] for u in updates}
+        scaling = scalings.pop() if len(scalings) == 1 else None
+        dropout = max(u[1] for u in updates)
+        return Projection(True, rank, scaling, dropout, _lora_owner(updates[0][2]))
     return None
+
+
+def _sum_terms(node) -> list:
+    """The terms of a chain of two-operand additions whose inner sums have no other user."""
+    if not is_call(node, ADD) or len(node.args) != 2:
+        return [node]
+    terms = []
+    for operand in node.args:
+        inner = isinstance(operand, fx.Node) and is_call(operand, ADD) and len(operand.users) == 1
+        terms.extend(_sum_terms(operand) if inner else [operand])
+    return terms
+
+
+def _lora_update(update, x_node):
+    """(scaling, dropout p, lora_A call, lora_B weight) of lora_B(lora_A(dropout(x))) * scaling
+    reading `x_node`, or None."""
+    scaling = 1.0
+    if is_call(update, MUL):
+        a, b = update.args
+        if scalar(b) is not None:
+            update, scaling = a, float(b)
+        elif scalar(a) is not None:
+            update, scaling = b, float(a)
+        else:
+            return None
+    if not (is_call(update, LINEAR) and is_call(update.args[0], LINEAR)):
+        return None
+    lora_a = update.args[0]
+    x, dropout = lora_a.args[0], 0.0
+    if x is not x_node and is_call(x, {torch.nn.functional.dropout}):  # LoRA's own dropout
+        dropout = float(arg(x, 1, "p", 0.5))
+        x = x.args[0]
+    if x is not x_node:
+        return None
+    return scaling, dropout, lora_a, update.args[1]
 
 
 def _lora_owner(lora_a: fx.Node) -> str:

@@ -120,7 +120,8 @@ class Report:
     def table(self) -> str:
         rows = []
         for s in self.sites:
-            adapted = ",".join(f"{n.upper()}(r={p['rank']},s={p['scaling']:g})" for n, p in s["projections"].items() if p["adapted"]) or "-"
+            adapted = ",".join(f"{n.upper()}(r={p['rank']},s={_scaling(p['scaling'])})" for n, p in s["projections"].items()
+                               if p["adapted"]) or "-"
             bound = s["bound"]
             rows.append([
                 s["module"], s["family"], adapted, s["mask"], s["heads"], s["kv_heads"], s["head_dim"], s["seq_len"],
@@ -190,3 +191,6 @@ def _scalar_output(out) -> torch.Tensor:
     return tensor.float().sum()
 
 
+def _scaling(value) -> str:
+    """A LoRA scaling for the table; "mixed" for adapters of different scalings on one projection."""
+    return "mixed" if value is None else f"{value:g}"

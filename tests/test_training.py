@@ -395,8 +395,8 @@ def two_adapters():
 
 def test_multiple_active_adapters_equal_eager_and_are_accounted_for(two_adapters):
     """Two active adapters on the same projections: the step equals eager's for both adapters'
-    matrices, and the site is either rewritten or left untouched with a recorded reason (today:
-    left untouched, since the projection is not recognised; see the xfail test below)."""
+    matrices, and the site is either rewritten or left untouched with a recorded reason (it is
+    rewritten: see the test below)."""
     (ref_loss, _, ref_grads), (loss, _, grads), records = two_adapters
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert len(grads) == 8 and {n.split(".")[-2] for n in grads} == {"default", "second"}
@@ -409,12 +409,17 @@ def test_multiple_active_adapters_equal_eager_and_are_accounted_for(two_adapters
         assert skipped.reason == "no LoRA-adapted projection (require_lora=True)"
 
 
-@pytest.mark.xfail(strict=True, reason="matcher._peft_lora recognises one LoRA update per projection; with two "
-                   "active adapters, base(x) + u1 + u2, q and v are seen as not adapted and the site is skipped")
 def test_multiple_active_adapters_are_rewritten(two_adapters):
+    """base(x) + u1 + u2 is recognised as one adapted projection: the ranks add up (4 + 2), the
+    shared scaling (8 / 4 = 4 / 2) is kept, and no nodes are kept for the composed norms, which
+    read one adapter pair."""
     _, _, records = two_adapters
     (record,) = records
-    assert len(record.sites) == 1 and record.sites[0].projections["q"].adapted
+    assert len(record.sites) == 1
+    for name in "qv":
+        proj = record.sites[0].projections[name]
+        assert proj.adapted and proj.rank == 6 and proj.scaling == 2.0 and not proj.nodes
+    assert not record.sites[0].projections["k"].adapted
 
 
 # ---------------------------------------------------------------------------------------------
