@@ -305,21 +305,16 @@ def _peft_lora(node) -> Projection | None:
         updates = [_lora_update(t, linear[1]["x"]) for j, t in enumerate(terms) if j != i]
         if any(u is None for u in updates):
             continue
-        if len(updates) == 1:
-            scaling, dropout, lora_a, lora_b = updates[0]
-            a_weight = meta_value(lora_a.args[1])
-            rank = int(a_weight.shape[0]) if a_weight is not None else None
-            nodes = {**linear[1], "lora_a": lora_a.args[1], "lora_b": lora_b}
-            return Projection(True, rank, scaling, dropout, _lora_owner(lora_a), nodes=nodes)
         # several adapters: the record sums their ranks and keeps a scaling only where they share
-        # one; the telemetry's composed norms read a single (lora_A, lora_B) pair, so no nodes are
-        # kept and those norms stay NaN rather than leave adapters out
+        # one; the telemetry's composed norms read a single (lora_A, lora_B) pair, so their nodes
+        # are kept only for one adapter and the norms otherwise stay NaN rather than leave some out
         weights = [meta_value(u[2].args[1]) for u in updates]
         rank = sum(int(w.shape[0]) for w in weights) if all(w is not None for w in weights) else None
         scalings = {u[0] for u in updates}
         scaling = scalings.pop() if len(scalings) == 1 else None
         dropout = max(u[1] for u in updates)
-        return Projection(True, rank, scaling, dropout, _lora_owner(updates[0][2]))
+        nodes = {**linear[1], "lora_a": updates[0][2].args[1], "lora_b": updates[0][3]} if len(updates) == 1 else {}
+        return Projection(True, rank, scaling, dropout, _lora_owner(updates[0][2]), nodes=nodes)
     return None
 
 

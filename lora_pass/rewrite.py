@@ -292,11 +292,11 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.Ma
     name = f"lowrank_lora_site_{site.index}_{digest}"
     while hasattr(gm, name):
         name += "_"
-    # Transactional: everything that can fail runs before the graph's existing nodes change, and
-    # a failure removes what this site added, so the other sites' rewrites still compile.
     # exact sites keep the model's own mask where it has runtime parts (padding); the low-rank
     # path needs only the per-key factors, so the L x L mask is then no longer built
     keep_mask = cand.mask if site.paths == "exact" and mask.factors and not cand.softmax_one else None
+    # Transactional: everything that can fail runs before the graph's existing nodes change, and
+    # a failure removes what this site added, so the other sites' rewrites still compile.
     before = set(gm.graph.nodes)
     gm.add_submodule(name, module)
     try:
