@@ -42,10 +42,13 @@ class Projection:
 
     adapted: bool
     rank: int | None = None
-    scaling: float | None = None
-    lora_dropout: float = 0.0
+    # LoRA's scaling; None for several adapters of different scalings, SYMBOLIC where it is a
+    # graph input (below)
+    scaling: float | str | None = None
+    lora_dropout: float | str = 0.0
     module: str | None = None
-    post_scale: float = 1.0  # scalar factors applied after the projection (OPT's query scaling)
+    # scalar factors applied after the projection (OPT's query scaling), or SYMBOLIC
+    post_scale: float | str = 1.0
     rotary: bool = False  # a rotary position embedding was applied after the projection (norm-preserving)
     fused: tuple | None = None  # (start, stop) of this output in a fused projection (GPT-2's c_attn)
     # graph nodes of x, the frozen weight and bias, lora_A and lora_B weights (for telemetry)
@@ -138,6 +141,32 @@ def scalar(x):
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+#: A scalar known only when the graph runs: torch.compile(dynamic=True) leaves Python floats
+#: unspecialized (torch._dynamo.config.specialize_float=False), so a module attribute such as
+#: LoRA's `scaling` or OPT's query scaling reaches the graph as a 0-d input read by `.item()`.
+SYMBOLIC = "symbolic"
+
+
+def is_symbolic_scalar(x) -> bool:
+    """A graph node whose value is a Python number traced symbolically (SymFloat, SymInt)."""
+    return isinstance(x, fx.Node) and isinstance(meta_value(x), (torch.SymFloat, torch.SymInt))
+
+
+def factor_value(x):
+    """A scalar factor: its value as a float for a constant, SYMBOLIC for a symbolic number,
+    None when `x` is not a scalar."""
+    if scalar(x) is not None:
+        return float(x)
+    return SYMBOLIC if is_symbolic_scalar(x) else None
+
+
+def _times(a, b, divide=False):
+    """a * b (a / b) of two factor values, SYMBOLIC when either is."""
+    if SYMBOLIC in (a, b):
+        return SYMBOLIC
+    return a / b if divide else a * b
+
+
 # ---------------------------------------------------------------------------------------------
 # projections
 
@@ -154,12 +183,11 @@ def trace_projection(node: fx.Node) -> Projection:
         seen += 1
         if is_method(node, SHAPE_METHODS) or is_call(node, SHAPE_FUNCTIONS):
             node = node.args[0]
-        elif is_call(node, {operator.mul, operator.truediv, torch.mul}) and scalar(node.args[1]) is not None:
-            factor = float(node.args[1])
-            post_scale *= factor if node.target is not operator.truediv else 1.0 / factor
+        elif is_call(node, {operator.mul, operator.truediv, torch.mul}) and factor_value(node.args[1]) is not None:
+            post_scale = _times(post_scale, factor_value(node.args[1]), divide=node.target is operator.truediv)
             node = node.args[0]
-        elif is_call(node, MUL) and scalar(node.args[0]) is not None:
-            post_scale *= float(node.args[0])
+        elif is_call(node, MUL) and factor_value(node.args[0]) is not None:
+            post_scale = _times(post_scale, factor_value(node.args[0]))
             node = node.args[1]
         elif (inner := _empty_cache_concat(node)) is not None:
             node = inner
@@ -177,6 +205,8 @@ def trace_projection(node: fx.Node) -> Projection:
             proj.nodes = base[1]
             proj.module = re.sub(r"\.base_layer$", "", module_path(base[0]))
     proj.post_scale, proj.rotary, proj.fused = post_scale, rotary, fused
+    if SYMBOLIC in (proj.scaling, proj.post_scale):
+        proj.nodes = {}  # the telemetry's composed norms need the factors' values: not traced
     return proj
 
 
@@ -311,8 +341,9 @@ def _peft_lora(node) -> Projection | None:
         weights = [meta_value(u[2].args[1]) for u in updates]
         rank = sum(int(w.shape[0]) for w in weights) if all(w is not None for w in weights) else None
         scalings = {u[0] for u in updates}
-        scaling = scalings.pop() if len(scalings) == 1 else None
-        dropout = max(u[1] for u in updates)
+        scaling = SYMBOLIC if SYMBOLIC in scalings else (scalings.pop() if len(scalings) == 1 else None)
+        rates = {u[1] for u in updates}
+        dropout = SYMBOLIC if SYMBOLIC in rates else max(rates)
         nodes = {**linear[1], "lora_a": updates[0][2].args[1], "lora_b": updates[0][3]} if len(updates) == 1 else {}
         return Projection(True, rank, scaling, dropout, _lora_owner(updates[0][2]), nodes=nodes)
     return None
@@ -335,10 +366,10 @@ def _lora_update(update, x_node):
     scaling = 1.0
     if is_call(update, MUL):
         a, b = update.args
-        if scalar(b) is not None:
-            update, scaling = a, float(b)
-        elif scalar(a) is not None:
-            update, scaling = b, float(a)
+        if factor_value(b) is not None:
+            update, scaling = a, factor_value(b)
+        elif factor_value(a) is not None:
+            update, scaling = b, factor_value(a)
         else:
             return None
     if not (is_call(update, LINEAR) and is_call(update.args[0], LINEAR)):
@@ -346,7 +377,7 @@ def _lora_update(update, x_node):
     lora_a = update.args[0]
     x, dropout = lora_a.args[0], 0.0
     if x is not x_node and is_call(x, {torch.nn.functional.dropout}):  # LoRA's own dropout
-        dropout = float(arg(x, 1, "p", 0.5))
+        dropout = factor_value(arg(x, 1, "p", 0.5))
         x = x.args[0]
     if x is not x_node:
         return None

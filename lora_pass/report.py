@@ -192,5 +192,8 @@ def _scalar_output(out) -> torch.Tensor:
 
 
 def _scaling(value) -> str:
-    """A LoRA scaling for the table; "mixed" for adapters of different scalings on one projection."""
-    return "mixed" if value is None else f"{value:g}"
+    """A LoRA scaling for the table; "mixed" for adapters of different scalings on one projection,
+    "symbolic" for a scaling that is a graph input (torch.compile(dynamic=True))."""
+    if value is None:
+        return "mixed"
+    return value if isinstance(value, str) else f"{value:g}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -90,26 +93,31 @@ def dynamic_default_records():
     return _run_dynamic(specialize_float=False)
 
 
-def test_dynamic_true_compiles_once_and_equals_eager(dynamic_default_records):
-    """Default Dynamo settings: one graph, every step equal to eager. With dynamic=True Dynamo
-    also turns Python floats into graph inputs (specialize_float=False), LoRA's `scaling` and
-    OPT's query scaling among them, so the matcher does not see the LoRA projections: both sites
-    are left to Inductor, with that reason recorded (see the xfail test below)."""
-    (record,) = dynamic_default_records
-    assert len(record.sites) + len(record.skipped) == 2
-    assert all("no LoRA-adapted projection" in s.reason for s in record.skipped)
+def test_dynamic_true_rewrites_every_site(dynamic_default_records):
+    """Default Dynamo settings: one graph, every step equal to eager, both sites rewritten (exact:
+    the sequence length is symbolic). With dynamic=True Dynamo also turns Python floats into graph
+    inputs (specialize_float=False), LoRA's `scaling` and OPT's query scaling among them: the
+    matcher takes them as symbolic factors and records them as such."""
+    _assert_rewritten_dynamic(dynamic_default_records)
+    for site in dynamic_default_records[0].sites:
+        q, v = site.projections["q"], site.projections["v"]
+        assert q.scaling == v.scaling == "symbolic" and q.post_scale == "symbolic" and v.post_scale == 1.0
+    # the report names them; the composed-norm telemetry, which needs their values, is not traced
+    report = lora_pass.Report(dynamic_default_records, lora_pass.telemetry())
+    assert "Q(r=4,s=symbolic)" in report.table() and "V(r=4,s=symbolic)" in report.table()
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=True))["sites"][0]["projections"]["q"]["scaling"] == "symbolic"
+    for site in report.sites:
+        assert math.isnan(site["stats"]["composed_bound"]) and site["stats"]["last_bound"] > 0
 
 
 def test_dynamic_true_with_specialized_floats_rewrites_every_site():
     """torch._dynamo.config.specialize_float = True keeps the LoRA scalings constants: one graph,
     both sites rewritten (exact: the sequence length is symbolic), equal to eager."""
-    _assert_rewritten_dynamic(_run_dynamic(specialize_float=True))
-
-
-@pytest.mark.xfail(strict=True, reason="matcher: a LoRA scaling or query scaling that Dynamo turned into a 0-d "
-                   "float64 graph input (dynamic=True, specialize_float=False) is not recognised as a scalar factor")
-def test_dynamic_true_rewrites_every_site(dynamic_default_records):
-    _assert_rewritten_dynamic(dynamic_default_records)
+    records = _run_dynamic(specialize_float=True)
+    _assert_rewritten_dynamic(records)
+    for site in records[0].sites:
+        q, v = site.projections["q"], site.projections["v"]
+        assert q.scaling == v.scaling == 2.0 and q.post_scale == pytest.approx(16 ** -0.5) and v.post_scale == 1.0
 
 
 def test_lengths_across_chunk_boundaries_compile_at_most_twice():

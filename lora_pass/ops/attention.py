@@ -59,8 +59,11 @@ class AttentionConfig:
 
 
 def new_stats(device) -> torch.Tensor:
+    """Counters at zero; R and the composed norms NaN until a call records them (the norms stay
+    NaN at a site whose projections they are not traced for)."""
     stats = torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=device)
     stats[STATS_FIELDS.index("last_bound")] = math.nan
+    stats[STATS_FIELDS.index("input_norm"):] = math.nan
     return stats
 
 
