@@ -34,6 +34,9 @@ class Candidate:
     nodes: list  # the core's own nodes, removed after the rewrite
     skip_reason: str | None = None  # set by the family when the core itself is unsupported
     softmax_one: bool = False  # the normaliser is softmax_1 (an extra 1 in the denominator)
+    # (node, divide): a further logit scale known only at run time (a Python float Dynamo left
+    # unspecialized), multiplied into (divide: divided out of) q by the rewrite
+    symbolic_scale: tuple | None = None
 
 
 @dataclasses.dataclass
@@ -73,7 +76,7 @@ class Site:
     kv_heads: int
     seq_len: int
     head_dim: int
-    scale: float
+    scale: float | str  # SYMBOLIC: a factor known only at run time (Candidate.symbolic_scale)
     degree: int
     feature_rank: int
     r_max: float
@@ -409,6 +412,20 @@ def _placeholder_ancestors(node: fx.Node) -> bool:
     return False
 
 
+def _sizes_only(node: fx.Node) -> bool:
+    """Every graph input `node` reads is a symbolic size (a SymInt placeholder, dynamic shapes)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and not isinstance(meta_value(n), torch.SymInt):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
 def evaluate_constant(node: fx.Node):
     """Evaluate a node that depends on no graph input (a mask built from aranges)."""
     env = {}
@@ -546,6 +563,9 @@ def decompose_mask(mask: fx.Node, lq, lk, additive: bool) -> MaskPlan:
             return MaskPlan(reason="mask of unknown shape")
         shape = tuple(value.shape)
         if not (len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and (lk is None or shape[3] == lk)):
+            if _sizes_only(node):
+                return MaskPlan(reason=f"mask part {list(shape)} is computed from the symbolic sizes of a "
+                                       f"dynamic-shape graph: it cannot be classified at compile time")
             return MaskPlan(reason=f"mask part {list(shape)} depends on runtime data and is not "
                                    f"key-padding-shaped [B, 1, 1, L]")
         if (value.dtype == torch.bool) == is_additive:

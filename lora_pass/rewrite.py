@@ -162,6 +162,8 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     if opts.require_lora and not any(p.adapted for p in projections.values()):
         return skip("no LoRA-adapted projection (require_lora=True)")
     scale = cand.scale if cand.scale is not None else d**-0.5
+    if cand.symbolic_scale is not None:
+        scale = matcher.SYMBOLIC  # the op computes with scale 1 on q times the factor
     device_type = qv.device.type
     if dynamic:
         # the low-rank path lays the inputs out in chunks of a static length
@@ -181,7 +183,8 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     site = matcher.Site(
         index=index, module=module, family=cand.family, projections=projections, causal=causal,
         mask="padding" if mask.factors else ("causal" if causal else "none"),
-        batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d, scale=float(scale),
+        batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d,
+        scale=scale if scale == matcher.SYMBOLIC else float(scale),
         degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
         paths=paths, decision=decision,
     )
@@ -276,10 +279,12 @@ def _norm_args(graph: fx.Graph, proj: matcher.Projection, frozen):
 
 def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.MaskPlan, opts: Options, values=None):
     qv = matcher.meta_value(cand.q)
-    config = AttentionConfig(scale=site.scale, causal=site.causal, degree=site.degree, r_max=site.r_max, paths=site.paths,
-                             softmax_one=cand.softmax_one)
+    symbolic = site.scale == matcher.SYMBOLIC
+    config = AttentionConfig(scale=1.0 if symbolic else site.scale, causal=site.causal, degree=site.degree,
+                             r_max=site.r_max, paths=site.paths, softmax_one=cand.softmax_one)
     pq, pk = site.projections["q"], site.projections["k"]
-    telemetry_norms = opts.telemetry and pq.nodes and pk.nodes
+    # the composed norms are scaled by the logit scale: not traced where it is symbolic
+    telemetry_norms = opts.telemetry and pq.nodes and pk.nodes and not symbolic
     frozen = tuple(_frozen_norm(p, values or {}) if telemetry_norms else None for p in (pq, pk))
     kinds = tuple(kind for _, kind in mask.factors)
     module = AttentionSite(config, kinds, site.heads != site.kv_heads, qv.device, opts.telemetry,
@@ -325,7 +330,12 @@ def _insert_call(gm, cand, site, mask, keep_mask, name, telemetry_norms, frozen,
     pq, pk = site.projections["q"], site.projections["k"]
     out_value = matcher.meta_value(cand.output)
     with gm.graph.inserting_before(cand.output):
-        args = (cand.q, cand.k, cand.v, keep_mask, [node for node, _ in mask.factors])
+        q = cand.q
+        if cand.symbolic_scale is not None:  # the logits' run-time factor, applied to q
+            factor, divide = cand.symbolic_scale
+            q = gm.graph.call_function(operator.truediv if divide else operator.mul, (q, factor))
+            q.meta = dict(cand.q.meta)
+        args = (q, cand.k, cand.v, keep_mask, [node for node, _ in mask.factors])
         if telemetry_norms:
             for p, norm in zip((pq, pk), frozen):
                 args += _norm_args(gm.graph, p, norm)

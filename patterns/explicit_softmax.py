@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from lora_pass.matcher import Candidate, arg, is_call, is_method, scalar
+from lora_pass.matcher import SYMBOLIC, Candidate, arg, factor_value, is_call, is_method
 
 FAMILY = "explicit_softmax"
 MATMUL = {torch.matmul, operator.matmul}
@@ -67,11 +67,15 @@ def match_chain(node, is_normaliser, family: str, **candidate_fields) -> Candida
     if is_call(s, {operator.add, torch.add}) and isinstance(s.args[1], torch.fx.Node):
         chain.append(s)
         s, mask = s.args[0], s.args[1]
-    scale = 1.0
-    if is_call(s, {operator.mul, torch.mul, operator.truediv}) and scalar(s.args[1]) is not None:
+    scale, symbolic_scale = 1.0, None
+    if is_call(s, {operator.mul, torch.mul, operator.truediv}) and factor_value(s.args[1]) is not None:
         chain.append(s)
-        factor = float(s.args[1])
-        scale = factor if s.target is not operator.truediv else 1.0 / factor
+        divide = s.target is operator.truediv
+        if factor_value(s.args[1]) == SYMBOLIC:  # a Python float Dynamo left unspecialized
+            symbolic_scale = (s.args[1], divide)  # applied to q by the rewrite
+        else:
+            factor = float(s.args[1])
+            scale = 1.0 / factor if divide else factor
         s = s.args[0]
     if not is_call(s, MATMUL):
         return None
@@ -83,4 +87,5 @@ def match_chain(node, is_normaliser, family: str, **candidate_fields) -> Candida
     for prev, user in zip(chain[1:], chain[:-1]):
         if not _only_user(prev, user):
             reason = reason or f"intermediate {prev.name} has another consumer"
-    return Candidate(family, node, q, k, v, scale, False, mask, chain, reason, **candidate_fields)
+    return Candidate(family, node, q, k, v, scale, False, mask, chain, reason, symbolic_scale=symbolic_scale,
+                     **candidate_fields)

@@ -158,3 +158,136 @@ def test_lengths_across_chunk_boundaries_compile_at_most_twice():
     static, dynamic = [r for r in lora_pass.records() if r.sites or r.skipped]
     assert [s.paths for s in static.sites] == ["lowrank"] and static.sites[0].seq_len == first
     assert [s.paths for s in dynamic.sites] == ["exact"] and "dynamic" in dynamic.sites[0].decision
+
+
+class ExplicitScaledAttention(torch.nn.Module):
+    """Eager-style attention whose logit scale is a Python float attribute: Dynamo makes it a
+    graph input where floats are unspecialized (dynamic=True, or after the value changed)."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads, self.scaling = heads, (d // heads) ** -0.5
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x, mask):
+        b, length, d = x.shape
+        shape = (b, length, self.heads, d // self.heads)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        logits = torch.matmul(q, k.transpose(2, 3)) * self.scaling + mask
+        return torch.matmul(logits.softmax(-1), v).transpose(1, 2).reshape(b, length, d)
+
+
+def _explicit_block():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tests.conftest import init_lora_b
+
+    torch.manual_seed(0)
+    block = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+                                    ExplicitScaledAttention())
+    with torch.no_grad():  # the bounded regime: the low-rank path is within its bound
+        for proj in (block.q_proj.base_layer, block.k_proj):
+            proj.weight.mul_(0.05)
+    init_lora_b(block)
+    return block
+
+
+def _block_step(block, call, length, seed):
+    """Output and every gradient (x and the LoRA weights) of one padded batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, length, 16, generator=g).requires_grad_()
+    mask = torch.zeros(2, 1, 1, length)
+    mask[0, ..., length - 2:] = float("-inf")  # key padding: a runtime per-key factor
+    block.zero_grad(set_to_none=True)
+    out = call(x, mask)
+    out.backward(torch.randn(out.shape, generator=g))
+    grads = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters() if p.requires_grad}}
+    return out.detach(), grads
+
+
+def test_symbolic_softmax_scale_under_dynamic_true_is_applied_to_q():
+    """dynamic=True: the explicit chain's `* self.scaling` is a symbolic factor. The site is
+    rewritten (exact), the factor multiplies q in the rewritten graph and the op runs with scale
+    1; one graph for every length, forward and every gradient equal to eager."""
+    from tests.conftest import CountingBackend, assert_grads_close
+
+    torch._dynamo.reset()
+    lora_pass.reset()
+    block = _explicit_block()
+    counter = CountingBackend({})
+    compiled = torch.compile(block, backend=counter, dynamic=True)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for length in (8, 11, 5, 19):
+            out, grads = _block_step(block, compiled, length, seed=length)
+            ref, ref_grads = _block_step(block, block, length, seed=length)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            assert_grads_close(grads, ref_grads)
+    assert len(counter.compiled_graphs()) == 1
+    ((record,),) = [[r for r in lora_pass.records() if r.sites]]
+    (site,) = record.sites
+    assert site.scale == "symbolic" and site.paths == "exact" and site.mask == "padding" and not record.skipped
+    code = record.graph_after.splitlines()
+    (call,) = [line for line in code if "= self.lowrank_lora_site_0" in line]
+    q_arg = call.split("(", 1)[1].split(",")[0]
+    (q_def,) = [line.split(";")[0].strip() for line in code if line.strip().startswith(f"{q_arg} = ")]
+    assert q_def == f"{q_arg} = q * item" or q_def.startswith(f"{q_arg} = q * item"), q_def  # q times the factor
+    ((_, stats),) = lora_pass.telemetry()
+    assert stats["forward_exact"] == 4 and math.isnan(stats["composed_bound"])
+
+
+def test_changed_float_scale_recompiles_symbolic_and_runs_the_lowrank_path():
+    """Static shapes, a logit scale that changes between calls: Dynamo recompiles once with the
+    scale as a graph input (automatic dynamic). The low-rank path then runs on q times the
+    factor with scale 1: equal, within float32 rounding, to a graph compiled with that scale as a
+    constant, and within the guard's bound of eager, forward and every gradient."""
+    from lora_pass.guard import error_bounds
+    from tests.conftest import assert_grads_close, rel_err
+
+    torch._dynamo.reset()
+    lora_pass.reset()
+    block = _explicit_block()
+    compiled = torch.compile(block, backend="lowrank_lora", options={"mode": "lowrank"})
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for scaling in (0.3, 0.2, 0.1):  # 0.3 constant, then one graph for 0.2 and 0.1
+            block.scaling = scaling
+            out, grads = _block_step(block, compiled, 8, seed=int(scaling * 10))
+    records = [r for r in lora_pass.records() if r.sites]
+    assert [s.scale for r in records for s in r.sites] == [pytest.approx(0.3), "symbolic"]
+    assert all(s.paths == "lowrank" for r in records for s in r.sites)
+    ((_, first), (_, symbolic)) = lora_pass.telemetry()
+    assert first["forward_lowrank"] == 1 and symbolic["forward_lowrank"] == symbolic["backward_lowrank"] == 2
+    bound = max(error_bounds(symbolic["last_bound"], 2).values())
+    assert bound < 1e-3
+    # the last call (scaling 0.1) against a graph with 0.1 as a constant, and against eager
+    torch._dynamo.reset()
+    constant = torch.compile(block, backend="lowrank_lora", options={"mode": "lowrank"})
+    const_out, const_grads = _block_step(block, constant, 8, seed=1)
+    assert [s.scale for s in lora_pass.records()[-1].sites] == [pytest.approx(0.1)]
+    torch.testing.assert_close(out, const_out, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, const_grads)
+    ref, ref_grads = _block_step(block, block, 8, seed=1)
+    assert rel_err(out, ref) <= bound + 1e-5
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) <= bound + 1e-5, name
+
+
+def test_masks_built_from_symbolic_sizes_are_left_alone_with_the_reason():
+    """dynamic=True on Llama's eager attention: the causal mask is computed from the symbolic
+    length, which the matcher cannot classify at compile time; both sites are left to Inductor
+    with that reason, and the step equals eager."""
+    from tests.conftest import CountingBackend, assert_grads_close
+    from tests.models.families import causal_batch, lora_grads, step, tiny_llama
+
+    torch._dynamo.reset()
+    lora_pass.reset()
+    model = tiny_llama("eager")
+    counter = CountingBackend({})
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    batch = causal_batch()
+    loss, grads = step(compiled, batch)[0], lora_grads(model)  # the wrapper names them _orig_mod.*
+    ref_loss, ref_grads = step(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+    (record,) = [r for r in lora_pass.records() if r.sites or r.skipped]
+    assert not record.sites and len(record.skipped) == 2
+    assert all("symbolic sizes of a dynamic-shape graph" in s.reason for s in record.skipped)
