@@ -397,49 +397,35 @@ def _lora_owner(lora_a: fx.Node) -> str:
 # masks
 
 
-def _placeholder_ancestors(node: fx.Node) -> bool:
+def _ancestors(node: fx.Node):
+    """`node` and every node it reads, directly or not, each once."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op in ("placeholder", "get_attr"):
-            return True
-        if n.op == "call_function" and getattr(n.target, "__name__", "") in {"rand", "randn", "dropout"}:
-            return True
+        yield n
         todo.extend(n.all_input_nodes)
-    return False
+
+
+def _placeholder_ancestors(node: fx.Node) -> bool:
+    """`node` reads a graph input, a parameter or a random number."""
+    return any(n.op in ("placeholder", "get_attr")
+               or (n.op == "call_function" and getattr(n.target, "__name__", "") in {"rand", "randn", "dropout"})
+               for n in _ancestors(node))
 
 
 def _sizes_only(node: fx.Node) -> bool:
     """Every graph input `node` reads is a symbolic size (a SymInt placeholder, dynamic shapes)."""
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder" and not isinstance(meta_value(n), torch.SymInt):
-            return False
-        todo.extend(n.all_input_nodes)
-    return True
+    return all(n.op != "placeholder" or isinstance(meta_value(n), torch.SymInt) for n in _ancestors(node))
 
 
 def evaluate_constant(node: fx.Node):
     """Evaluate a node that depends on no graph input (a mask built from aranges)."""
     env = {}
-    order = []
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        order.append(n)
-        todo.extend(n.all_input_nodes)
     position = {n: i for i, n in enumerate(node.graph.nodes)}
-    for n in sorted(order, key=position.__getitem__):
+    for n in sorted(_ancestors(node), key=position.__getitem__):
         args = fx.node.map_arg(n.args, env.__getitem__)
         kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
         if n.op == "call_function":
