@@ -186,11 +186,11 @@ def trace_projection(node: fx.Node) -> Projection:
         seen += 1
         if is_method(node, SHAPE_METHODS) or is_call(node, SHAPE_FUNCTIONS):
             node = node.args[0]
-        elif is_call(node, {operator.mul, operator.truediv, torch.mul}) and factor_value(node.args[1]) is not None:
-            post_scale = _times(post_scale, factor_value(node.args[1]), divide=node.target is operator.truediv)
+        elif is_call(node, MUL | {operator.truediv}) and (f := factor_value(node.args[1])) is not None:
+            post_scale = _times(post_scale, f, divide=node.target is operator.truediv)
             node = node.args[0]
-        elif is_call(node, MUL) and factor_value(node.args[0]) is not None:
-            post_scale = _times(post_scale, factor_value(node.args[0]))
+        elif is_call(node, MUL) and (f := factor_value(node.args[0])) is not None:
+            post_scale = _times(post_scale, f)
             node = node.args[1]
         elif (inner := _empty_cache_concat(node)) is not None:
             node = inner
@@ -369,10 +369,10 @@ def _lora_update(update, x_node):
     scaling = 1.0
     if is_call(update, MUL):
         a, b = update.args
-        if factor_value(b) is not None:
-            update, scaling = a, factor_value(b)
-        elif factor_value(a) is not None:
-            update, scaling = b, factor_value(a)
+        if (f := factor_value(b)) is not None:
+            update, scaling = a, f
+        elif (f := factor_value(a)) is not None:
+            update, scaling = b, f
         else:
             return None
     if not (is_call(update, LINEAR) and is_call(update.args[0], LINEAR)):

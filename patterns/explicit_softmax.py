@@ -68,13 +68,12 @@ def match_chain(node, is_normaliser, family: str, **candidate_fields) -> Candida
         chain.append(s)
         s, mask = s.args[0], s.args[1]
     scale, symbolic_scale = 1.0, None
-    if is_call(s, {operator.mul, torch.mul, operator.truediv}) and factor_value(s.args[1]) is not None:
+    if is_call(s, {operator.mul, torch.mul, operator.truediv}) and (factor := factor_value(s.args[1])) is not None:
         chain.append(s)
         divide = s.target is operator.truediv
-        if factor_value(s.args[1]) == SYMBOLIC:  # a Python float Dynamo left unspecialized
+        if factor == SYMBOLIC:  # a Python float Dynamo left unspecialized
             symbolic_scale = (s.args[1], divide)  # applied to q by the rewrite
         else:
-            factor = float(s.args[1])
             scale = 1.0 / factor if divide else factor
         s = s.args[0]
     if not is_call(s, MATMUL):
