@@ -161,9 +161,10 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     projections = {name: matcher.trace_projection(node) for name, node in zip("qkv", (cand.q, cand.k, cand.v))}
     if opts.require_lora and not any(p.adapted for p in projections.values()):
         return skip("no LoRA-adapted projection (require_lora=True)")
-    scale = cand.scale if cand.scale is not None else d**-0.5
     if cand.symbolic_scale is not None:
         scale = matcher.SYMBOLIC  # the op computes with scale 1 on q times the factor
+    else:
+        scale = float(cand.scale if cand.scale is not None else d**-0.5)
     device_type = qv.device.type
     if dynamic:
         # the low-rank path lays the inputs out in chunks of a static length
@@ -183,8 +184,7 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     site = matcher.Site(
         index=index, module=module, family=cand.family, projections=projections, causal=causal,
         mask="padding" if mask.factors else ("causal" if causal else "none"),
-        batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d,
-        scale=scale if scale == matcher.SYMBOLIC else float(scale),
+        batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d, scale=scale,
         degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
         paths=paths, decision=decision,
     )

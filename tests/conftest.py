@@ -136,3 +136,19 @@ def init_lora_b(model, std=0.02):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=std)
+
+
+def lora_block(block_class) -> torch.nn.Module:
+    """`block_class()`, a bare attention block with q_proj, k_proj, v_proj, built under seed 0 and
+    adapted with PEFT LoRA (r = 2) on q and v, its q/k weights scaled into the bounded regime and
+    lora_B initialised non-zero."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    block = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+                                    block_class())
+    with torch.no_grad():
+        block.q_proj.weight.mul_(0.05)
+        block.k_proj.weight.mul_(0.05)
+    init_lora_b(block)
+    return block

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_pass
-from tests.conftest import tiny_opt
+from tests.conftest import lora_block, tiny_opt
 
 
 def compiled_records(model, *args, options=None, **kwargs):
@@ -64,7 +64,7 @@ def test_returned_attention_weights_are_another_consumer(ids):
 
 
 class LoraAttention(torch.nn.Module):
-    """A bare attention block for mask cases, adapted with PEFT below."""
+    """A bare attention block for mask cases, adapted with PEFT by `conftest.lora_block`."""
 
     def __init__(self, d=16, heads=2):
         super().__init__()
@@ -80,22 +80,8 @@ class LoraAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, length, d)
 
 
-def lora_block():
-    from peft import LoraConfig, inject_adapter_in_model
-
-    torch.manual_seed(0)
-    block = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), LoraAttention())
-    with torch.no_grad():
-        block.q_proj.weight.mul_(0.05)
-        block.k_proj.weight.mul_(0.05)
-        for n, p in block.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.02)
-    return block
-
-
 def test_arbitrary_runtime_float_mask_is_skipped():
-    block = lora_block()
+    block = lora_block(LoraAttention)
     x = torch.randn(2, 8, 16)
     torch._dynamo.reset()
     out, records = compiled_records(block, x, torch.randn(8, 8))
@@ -104,7 +90,7 @@ def test_arbitrary_runtime_float_mask_is_skipped():
 
 
 def test_constant_non_causal_mask_is_skipped():
-    block = lora_block()
+    block = lora_block(LoraAttention)
     x = torch.randn(2, 8, 16)
     torch._dynamo.reset()
     _, records = compiled_records(block, x, constant_mask="triu")
@@ -115,7 +101,7 @@ def test_constant_non_causal_mask_is_skipped():
 @pytest.mark.parametrize("mode", ["exact", "lowrank"])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32], ids=["bool", "float"])
 def test_key_padding_mask_is_rewritten(mode, dtype):
-    block = lora_block()
+    block = lora_block(LoraAttention)
     x = torch.randn(2, 8, 16)
     keep = torch.ones(2, 1, 1, 8, dtype=torch.bool)
     keep[0, ..., 5:] = False
