@@ -3,7 +3,10 @@
 Times forward + backward of
 
 * exact:   `torch.nn.functional.scaled_dot_product_attention`, compiled by Inductor;
-* lowrank: `guarded_attention(..., AttentionConfig(paths="lowrank", degree=2))`, compiled by Inductor;
+* lowrank: `guarded_attention(..., AttentionConfig(degree=2, r_max=R_max(2, 0.05)))`, the op as the
+  backend inserts it (guard, `cond` on both paths), compiled by Inductor, on inputs whose bound R
+  passes the guard; the op's telemetry must show that every call took the low-rank path, else the
+  run fails;
 * guard:   `norm_bound` alone, compiled (forward only: the backward reuses the saved predicate),
 
 for d = 64, causal and non-causal, over a range of sequence lengths, and derives the crossover
@@ -94,7 +97,7 @@ def run_worker(spec: dict) -> dict:
     import torch.nn.functional as F
 
     from lora_pass.guard import norm_bound, r_max
-    from lora_pass.ops.attention import AttentionConfig, guarded_attention
+    from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -125,13 +128,17 @@ def run_worker(spec: dict) -> dict:
         def attention(a, b, c):
             return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
     else:
-        cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE), paths="lowrank")
+        cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE))
+        stats = new_stats(device)
 
         # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the same route as
         # the op the backend inserts into a Dynamo graph.
         @torch.compiler.allow_in_graph
+        def guarded(a, b, c, s):
+            return guarded_attention(a, b, c, cfg, s)
+
         def attention(a, b, c):
-            return guarded_attention(a, b, c, cfg)
+            return guarded(a, b, c, stats)
 
     def model(a, b, c):
         return attention(a, b, c)
@@ -149,6 +156,12 @@ def run_worker(spec: dict) -> dict:
     else:  # tensor memory (the goal), and resident memory with the allocator's and pages' slack
         result["peak_mem_mb"], result["mem_method"] = common.allocated_peak_mb(step), "CPU allocator peak (profiler)"
         result["peak_rss_mb"], result["rss_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
+    if mode == "lowrank":  # every call must have taken the low-rank path (the guard passed)
+        counts = {name: int(stats[STATS_FIELDS.index(name)]) for name in
+                  ("forward_lowrank", "forward_exact", "backward_lowrank", "backward_exact")}
+        if counts["forward_exact"] or counts["backward_exact"] or not counts["forward_lowrank"]:
+            raise RuntimeError(f"the guard did not pass on every call (R above R_max): {counts}")
+        result["path_counts"] = counts
 
     if mode == "exact":  # the guard, as the op computes it once per forward
         guard = torch.compile(lambda a, b: norm_bound(a, b, scale=scale), backend="inductor", fullgraph=True)
@@ -322,7 +335,8 @@ def write_markdown(path, report, rows):
         "",
         f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
         "are forward + backward (guard: forward only, it runs once per forward). Exact is",
-        "`scaled_dot_product_attention` compiled by Inductor; lowrank is the op with `paths=\"lowrank\"`.",
+        "`scaled_dot_product_attention` compiled by Inductor; lowrank is the guarded op as the backend inserts it",
+        "(guard and `cond` included), every call of which took the low-rank path (its telemetry is checked).",
         "Peak memory is the tensor memory one compiled step allocates above what is live before it",
         "(inputs, compiled code): `torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's running",
         "total as the profiler records it on CPU. RSS is the growth of resident memory over the step on",

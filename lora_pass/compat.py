@@ -181,7 +181,9 @@ def _canonical_strides(fn):
     cond requires both branches to return outputs with the same stride order. `.contiguous()`
     keeps whatever stride a size-1 dimension had (a [B, H, 1] logsumexp from the flash kernel
     has stride (H, 1, H), a fresh [B, H, 1] tensor (H, 1, 1)), so at L = 1 two contiguous
-    outputs could still differ; a copy is made only where the strides are not the canonical ones.
+    outputs could still differ. A dense row-major tensor whose strides differ only on size-1
+    dimensions gets the canonical ones as a view of the same memory (`as_strided`, no copy: an
+    L-sized copy of each gradient otherwise); any other layout is copied.
     """
 
     def canonical(t):
@@ -191,8 +193,11 @@ def _canonical_strides(fn):
         for size in reversed(t.shape):
             expected.append(step)
             step *= size
-        if tuple(t.stride()) == tuple(reversed(expected)):
+        expected = tuple(reversed(expected))
+        if tuple(t.stride()) == expected:
             return t
+        if t.is_contiguous():  # only size-1 dimensions differ: same memory, same element order
+            return t.as_strided(t.shape, expected)
         return t.clone(memory_format=torch.contiguous_format)
 
     def wrapped(*args):

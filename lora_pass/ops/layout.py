@@ -43,3 +43,28 @@ def is_heads_inner(t: torch.Tensor) -> bool:
 def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """t heads inside when `ref` is, else row-major: the layout the flash kernel gives its output."""
     return heads_inner(t) if is_heads_inner(ref) else row_major(t)
+
+
+_REVERSE_BLOCK = 8  # slices swapped per step of `reverse_leading_`: the size of its two buffers
+
+
+@torch.library.custom_op("lora_pass::reverse_leading_", mutates_args={"t"})
+def reverse_leading_(t: torch.Tensor) -> None:
+    """Reverse the order of t's slices along dim 0 in place (t.copy_(t.flip(0)) without a copy of t).
+
+    The causal backward's reverse scan stacks its outputs last chunk first; this puts them in
+    order. Inductor keeps the mutation in place when nothing else reads the tensor (its reinplace
+    pass), so only two blocks of _REVERSE_BLOCK slices are ever copied aside.
+    """
+    n = t.shape[0]
+    for i in range(0, n // 2, _REVERSE_BLOCK):
+        b = min(_REVERSE_BLOCK, n // 2 - i)
+        head, tail = t[i:i + b], t[n - i - b:n - i]
+        front = head.flip(0)
+        head.copy_(tail.flip(0))
+        tail.copy_(front)
+
+
+@reverse_leading_.register_fake
+def _(t):
+    return None

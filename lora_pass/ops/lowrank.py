@@ -19,9 +19,11 @@ Lengths that are not a multiple of the chunk are zero-padded (a copy): padded ke
 
 Causal backward (docs/design.md, "Causal backward in two scans"): a scan in the forward's order
 carries H_<c, z_<c and gives dQ; a scan in reverse order carries the state gradients dH_>c, dz_>c
-of the later chunks and gives dK, dV (put back in order by one copy). Five (rows x k)(k x d)
-products per chunk, no subtraction of states (nothing cancels), and float32 states for float32
-compute.
+of the later chunks and gives dK, dV (put back in order in place, `layout.reverse_leading_`).
+Five (rows x k)(k x d) products per chunk, no subtraction of states (nothing cancels), and float32
+states for float32 compute. The last scan of either backward, during which every output is
+alive, takes fewer rows per step than the chunk (KEY_GRAD_ROWS, REVERSE_ROWS; docs/design.md,
+"Memory of the last scan").
 
 Layout: q [B, Hq, Lq, D] is viewed as [B, Hkv, G * rows, D] per chunk so that the G query heads
 of a KV head share its states (GQA without copying K or V).
@@ -41,10 +43,13 @@ import torch
 
 from .. import compat
 from .features import FeatureTensors, feature_rank, taylor_features, taylor_features_vjp
+from .layout import reverse_leading_
 from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
-CHUNK_FULL = 128  # non-causal: the chunk only bounds the memory of the features
+CHUNK_FULL = 64  # non-causal: the chunk only bounds the memory of the features
+KEY_GRAD_ROWS = 16  # rows per step of the non-causal dK, dV scan, when every output is alive
+REVERSE_ROWS = 16  # rows per step of the causal reverse (dK, dV) scan, for the same reason
 CAUSAL_ONE_CHUNK = 256  # causal sequences up to this long are one chunk: no features at all
 
 
@@ -63,6 +68,18 @@ def chunk_size(length: int, causal: bool = True) -> int:
     return max(1, min(length, CHUNK_FULL))
 
 
+def reverse_rows(chunk: int) -> int:
+    """Rows per step of the causal backward's reverse scan (dK, dV): REVERSE_ROWS, or the chunk
+    when it is smaller or not a multiple of it (docs/design.md, "Memory of the last scan")."""
+    return REVERSE_ROWS if chunk % REVERSE_ROWS == 0 else chunk
+
+
+def key_grad_rows(chunk: int) -> int:
+    """Keys per step of the non-causal backward's last scan (dK, dV): KEY_GRAD_ROWS, or the chunk
+    when it is smaller or not a multiple of it (docs/design.md, "Memory of the last scan")."""
+    return KEY_GRAD_ROWS if chunk % KEY_GRAD_ROWS == 0 else chunk
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -79,6 +96,13 @@ def _take(t: torch.Tensor, dim: int, chunk: int, i: torch.Tensor) -> torch.Tenso
     """Chunk number `i` ([1] int64) of `t` along `dim`: rows i * chunk .. (i + 1) * chunk."""
     t = t.unflatten(dim, (t.shape[dim] // chunk, chunk))
     return t.index_select(dim, i).squeeze(dim)
+
+
+def _zeroed(t: torch.Tensor) -> torch.Tensor:
+    """Zeros computed from t (0 for every value, NaN and infinities included): the initial state of a
+    second scan made from the first one's final state, so that Inductor writes it into that dead
+    buffer instead of allocating a second state (the first scan's final state stays referenced)."""
+    return torch.nan_to_num(t - t, 0.0, 0.0, 0.0)
 
 
 def _sequence(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -143,18 +167,21 @@ class _Prepared:
         """[B, Hkv, C, D] -> [B, C, Hkv, D], a step's slice of `_sequence`."""
         return t.transpose(1, 2)
 
-    def query_rows(self, t, i):
-        """Chunk i of a [B, Hkv, G, Nq * C, X] tensor as [B, Hkv, G * C, X] in the compute dtype."""
-        return self.rows(_take(t, 3, self.c, i)).to(self.cdt)
+    def query_rows(self, t, i, rows=None):
+        """Chunk i of a [B, Hkv, G, Nq * C, X] tensor as [B, Hkv, G * C, X] in the compute dtype
+        (chunks of `rows` queries, a divisor of the chunk size, when given)."""
+        return self.rows(_take(t, 3, rows or self.c, i)).to(self.cdt)
 
-    def qt(self, q, i):
-        return self.query_rows(q, i) * self.root
+    def qt(self, q, i, rows=None):
+        return self.query_rows(q, i, rows) * self.root
 
-    def keys(self, k, v, w, mu, i):
-        """(kt_c, v_c, w_c): centred scaled keys [B, Hkv, C, D], values, weights [B, 1, C, 1] or None."""
-        kt = (_take(k, 2, self.c, i).to(self.cdt) - mu) * self.root
-        vc = _take(v, 2, self.c, i).to(self.cdt)
-        return kt, vc, (None if w is None else _take(w, 2, self.c, i).to(self.cdt))
+    def keys(self, k, v, w, mu, i, rows=None):
+        """(kt_c, v_c, w_c): centred scaled keys [B, Hkv, C, D], values, weights [B, 1, C, 1] or None
+        of key chunk i, with chunks of `rows` keys (default: the chunk size; a divisor of it)."""
+        rows = rows or self.c
+        kt = (_take(k, 2, rows, i).to(self.cdt) - mu) * self.root
+        vc = _take(v, 2, rows, i).to(self.cdt)
+        return kt, vc, (None if w is None else _take(w, 2, rows, i).to(self.cdt))
 
     def null(self, qr, mu_t):
         """softmax_one: (a, b) = (e^{min(c, 0)}, e^{-max(c, 0)}) per row, c = qt . mu_t; () otherwise."""
@@ -176,15 +203,17 @@ class _Prepared:
     def intra(self, qr, kt_c, w_c):
         """Masked exact polynomial inside a causal chunk: S, the mask and A = P_g(S) * mask."""
         s = qr @ kt_c.transpose(-1, -2)
-        m = torch.ones(self.c, self.c, dtype=s.dtype, device=s.device).tril().repeat(self.g, 1)  # [G * C, C]
+        c = kt_c.shape[-2]
+        m = torch.ones(c, c, dtype=s.dtype, device=s.device).tril().repeat(self.g, 1)  # [G * C, C]
         if w_c is not None:
             m = m * w_c.transpose(-1, -2)
         return s, m, taylor_polynomial(s, self.degree) * m
 
-    def causal_chunk(self, k, v, w, mu, q, i):
-        """Chunk i of a causal sequence: (kt_c, v_c, w_c, qr) and the intra-chunk (S, mask, A)."""
-        kt_c, v_c, w_c = self.keys(k, v, w, mu, i)
-        qr = self.qt(q, i)
+    def causal_chunk(self, k, v, w, mu, q, i, rows=None):
+        """Chunk i of a causal sequence (chunks of `rows`, default the chunk size): (kt_c, v_c, w_c,
+        qr) and the intra-chunk (S, mask, A)."""
+        kt_c, v_c, w_c = self.keys(k, v, w, mu, i, rows)
+        qr = self.qt(q, i, rows)
         return (kt_c, v_c, w_c, qr), self.intra(qr, kt_c, w_c)
 
     def intra_grad(self, s, m, dn, dden, v_c):
@@ -244,6 +273,17 @@ class _Prepared:
         rank = feature_rank(self.d, self.degree)
         return (torch.zeros(self.b, self.hkv, rank, self.d, dtype=self.cdt, device=self.k.device),
                 torch.zeros(self.b, self.hkv, rank, dtype=self.cdt, device=self.k.device))
+
+    def regroup(self, t, rows):
+        """Per-chunk rows [Nq, B, Hkv, G * C, X] (a scan's stacked output) -> the same rows in
+        chunks of `rows`: [Nq * C / rows, B, Hkv, G * rows, X] (a copy of L numbers; t itself when
+        rows is the chunk size)."""
+        f = self.c // rows
+        if f == 1:
+            return t
+        n, b, h, _, x = t.shape
+        t = t.view(n, b, h, self.g, f, rows, x).permute(0, 4, 1, 2, 3, 5, 6)
+        return t.reshape(n * f, b, h, self.g * rows, x)
 
     def chunk_numbers(self, n, reverse=False):
         """Scan input [n, 1]: the chunk number each step reads (last chunk first with `reverse`)."""
@@ -345,14 +385,17 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
         (dh, dz), (dqt,) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                        (p.q, do, o, h, z, p.mu_t, *p.tables))
 
+        rows = key_grad_rows(p.c)
+
         def key_step(carry, x, extra):
             k, v, w, mu, rest = p.split_key_inputs(extra)
             dh, dz, tables = rest[0], rest[1], rest[2:]
-            kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0])
+            kt_c, v_c, w_c = p.keys(k, v, w, mu, x[0], rows)
             dkt, dv_c = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
             return (), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
-        _, (dk, dv) = compat.scan(key_step, (), (p.chunk_numbers(p.nk),), (*p.key_inputs(), dh, dz, *p.tables))
+        _, (dk, dv) = compat.scan(key_step, (), (p.chunk_numbers(p.nk * p.c // rows),),
+                                  (*p.key_inputs(), dh, dz, *p.tables))
     else:
         # forward order: prefix states H_<c, z_<c give dQ; each row's r = dN / dO and dden are kept
         def query_step(carry, x, extra):
@@ -378,28 +421,34 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 dqt = dqt + dc * mu_t
             return (h, z), (p.query_out(dqt * p.root), r, dden)
 
-        _, (dqt, r_all, dden_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
-                                                (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
+        states, (dqt, r_all, dden_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+                                                     (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
 
-        # reverse order: the state gradients of the later chunks, dH_>c and dz_>c, give dK and dV
+        # reverse order: the state gradients of the later chunks, dH_>c and dz_>c, give dK and dV,
+        # in chunks of `rows` (every output is alive during this scan: its buffers are kept small)
+        rows = reverse_rows(p.c) if p.nk > 1 else p.c
+        n_rev = p.nk * p.c // rows
+        r_all, dden_all = p.regroup(r_all, rows), p.regroup(dden_all, rows)
+
         def key_step(carry, x, extra):
             dh, dz = carry
             k, v, w, mu, rest = p.split_key_inputs(extra)
             q, do, r_all, dden_all, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
             i = x[0]
-            (kt_c, v_c, w_c, qr), (s, m, a) = p.causal_chunk(k, v, w, mu, q, i)
-            dn = p.query_rows(do, i) * r_all.index_select(0, i).squeeze(0)
+            (kt_c, v_c, w_c, qr), (s, m, a) = p.causal_chunk(k, v, w, mu, q, i, rows)
+            dn = p.query_rows(do, i, rows) * r_all.index_select(0, i).squeeze(0)
             dden = dden_all.index_select(0, i).squeeze(0)
             dkt = p.intra_grad(s, m, dn, dden, v_c).transpose(-1, -2) @ qr
             dv_c = a.transpose(-1, -2) @ dn
-            if p.nk > 1:  # one chunk has no later queries: the state gradients stay 0
+            if n_rev > 1:  # one chunk has no later queries: the state gradients stay 0
                 dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
                 dkt, dv_c = dkt + dkt_inter, dv_c + dv_inter
                 pq = p.features(qr, tables)
                 dh, dz = dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)
             return (dh, dz), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
-        _, (dk, dv) = compat.scan(key_step, p.state_zeros(), (p.chunk_numbers(p.nk, reverse=True),),
+        _, (dk, dv) = compat.scan(key_step, tuple(_zeroed(t) for t in states), (p.chunk_numbers(n_rev, reverse=True),),
                                   (*p.key_inputs(), p.q, do, r_all, dden_all, *p.tables))
-        dk, dv = dk.flip(0), dv.flip(0)
+        reverse_leading_(dk)
+        reverse_leading_(dv)
     return _sequence(dqt, p.lq).to(q.dtype), _sequence(dk, p.lk).to(k.dtype), _sequence(dv, p.lk).to(v.dtype)

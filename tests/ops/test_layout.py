@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_pass.ops import layout
-from lora_pass.ops.attention import AttentionConfig, _operands, guarded_attention
+from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, _operands, guarded_attention, new_stats
 
 B, H, L, D = 1, 4, 40, 8
 
@@ -128,3 +128,41 @@ def test_compiled_exact_path_allocates_no_more_than_plain_sdpa():
         step()
         peaks[name] = _allocated_peak_mb(step)
     assert peaks["op"] <= peaks["sdpa"], peaks
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 16, 17, 40])
+def test_reverse_leading_reverses_in_place(n):
+    t = torch.randn(n, 3, 2)
+    want, ptr = t.flip(0), t.data_ptr()
+    layout.reverse_leading_(t)
+    assert torch.equal(t, want) and t.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_compiled_lowrank_path_copies_no_output(causal):
+    """A step of the guarded op (guard passing, low-rank path, several chunks) allocates its four
+    L x d results and less than one more: the reverse scan's dK, dV are reordered in place and
+    the cond outputs keep their storage (each was an L x d copy)."""
+    length, d = 2048, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, length, d, generator=g) * s for s in (0.05, 0.05, 1.0))
+    for t in (q, k, v):
+        t.requires_grad_()
+    dout = torch.randn(1, 1, length, d, generator=g)
+    cfg = AttentionConfig(scale=d**-0.5, causal=causal, degree=2, r_max=0.5)
+    stats = new_stats("cpu")
+
+    @torch.compiler.allow_in_graph
+    def op(q, k, v, s):
+        return guarded_attention(q, k, v, cfg, s)
+
+    fn = torch.compile(lambda q, k, v: op(q, k, v, stats), backend="inductor", fullgraph=True)
+
+    def step():
+        return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+    step()
+    peak = _allocated_peak_mb(step)
+    assert stats[STATS_FIELDS.index("forward_lowrank")] == 2 and stats[STATS_FIELDS.index("forward_exact")] == 0
+    block = length * d * 4 / 2**20  # one L x d float32 tensor
+    assert peak < 5 * block, (peak, block)

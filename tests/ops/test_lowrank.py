@@ -49,8 +49,13 @@ def make_inputs(b, hq, hkv, length, d, mask, dtype=torch.float64, q_scale=0.3, s
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_chunked_matches_surrogate(case):
+    assert_matches_surrogate(case)
+
+
+def assert_matches_surrogate(case, seed=0):
+    """The chunked path's output and gradients against the float64 surrogate on fresh inputs."""
     b, hq, hkv, length, d, causal, mask, degree, chunk = case
-    q, k, v, w = make_inputs(b, hq, hkv, length, d, mask)
+    q, k, v, w = make_inputs(b, hq, hkv, length, d, mask, seed=seed)
     scale = d**-0.5
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = naive.lowrank_attention(qr, kr, vr, scale=scale, degree=degree, causal=causal, key_weight=w)
@@ -62,6 +67,35 @@ def test_chunked_matches_surrogate(case):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for name, got, want in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"d{name}: {m}")
+
+
+SPLIT_CASES = [
+    # B, Hq, Hkv, L, D, causal, mask, degree, chunk: chunk 4, the last scan in steps of 2 rows
+    (2, 4, 2, 13, 8, False, None, 2, 4),
+    (2, 4, 2, 13, 8, True, None, 2, 4),
+    (1, 3, 1, 11, 4, True, "padding", 2, 4),
+    (2, 2, 1, 11, 4, False, "padding", 2, 4),
+    (2, 2, 2, 9, 4, True, "bias", 2, 4),
+    (1, 2, 1, 12, 4, True, None, 3, 4),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
+def test_last_scan_in_smaller_steps_matches_surrogate(case, monkeypatch):
+    """dK, dV are computed in steps of fewer rows than the chunk (KEY_GRAD_ROWS non-causal,
+    REVERSE_ROWS causal): GQA, masks, partial last chunks, against the float64 surrogate."""
+    monkeypatch.setattr(lowrank, "KEY_GRAD_ROWS", 2)
+    monkeypatch.setattr(lowrank, "REVERSE_ROWS", 2)
+    chunk = case[-1]
+    assert (lowrank.key_grad_rows(chunk), lowrank.reverse_rows(chunk)) == (2, 2)
+    assert_matches_surrogate(case, seed=case[3] + case[4])
+
+
+def test_last_scan_rows_fall_back_to_the_chunk_when_it_does_not_divide():
+    assert lowrank.key_grad_rows(64) == lowrank.KEY_GRAD_ROWS
+    assert lowrank.reverse_rows(lowrank.CHUNK_CAUSAL) == lowrank.REVERSE_ROWS
+    for chunk in (3, 5, 24, 100):
+        assert lowrank.key_grad_rows(chunk) == chunk and lowrank.reverse_rows(chunk) == chunk
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -136,9 +170,14 @@ class _FixedCentre(torch.autograd.Function):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mask", [None, "padding"])
 @pytest.mark.parametrize("degree", [1, 2])
-def test_gradcheck_lowrank_path(causal, mask, degree):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_gradcheck_lowrank_path(causal, mask, degree, split, monkeypatch):
+    """`split`: chunks of 4 rows, the last scan (dK, dV) in steps of 2."""
+    monkeypatch.setattr(lowrank, "KEY_GRAD_ROWS", 2)
+    monkeypatch.setattr(lowrank, "REVERSE_ROWS", 2)
     q, k, v, w = make_inputs(1, 4, 2, 7, 3, mask, q_scale=0.4)
-    kw = dict(scale=0.5, degree=degree, causal=causal, key_weight=w, chunk=3, center=naive.key_center(k, w))
+    kw = dict(scale=0.5, degree=degree, causal=causal, key_weight=w, chunk=4 if split else 3,
+              center=naive.key_center(k, w))
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: _FixedCentre.apply(q, k, v, kw), inputs)
 
