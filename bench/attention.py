@@ -157,8 +157,8 @@ def run_worker(spec: dict) -> dict:
         result["peak_mem_mb"], result["mem_method"] = common.allocated_peak_mb(step), "CPU allocator peak (profiler)"
         result["peak_rss_mb"], result["rss_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
     if mode == "lowrank":  # every call must have taken the low-rank path (the guard passed)
-        counts = {name: int(stats[STATS_FIELDS.index(name)]) for name in
-                  ("forward_lowrank", "forward_exact", "backward_lowrank", "backward_exact")}
+        counts = {name: int(n) for name, n in zip(STATS_FIELDS, stats.tolist())
+                  if name.startswith(("forward", "backward"))}
         if counts["forward_exact"] or counts["backward_exact"] or not counts["forward_lowrank"]:
             raise RuntimeError(f"the guard did not pass on every call (R above R_max): {counts}")
         result["path_counts"] = counts

@@ -22,7 +22,7 @@ carries H_<c, z_<c and gives dQ; a scan in reverse order carries the state gradi
 of the later chunks and gives dK, dV (put back in order in place, `layout.reverse_leading_`).
 Five (rows x k)(k x d) products per chunk, no subtraction of states (nothing cancels), and float32
 states for float32 compute. The last scan of either backward, during which every output is
-alive, takes fewer rows per step than the chunk (KEY_GRAD_ROWS, REVERSE_ROWS; docs/design.md,
+alive, takes fewer rows per step than the chunk (LAST_SCAN_ROWS; docs/design.md,
 "Memory of the last scan").
 
 Layout: q [B, Hq, Lq, D] is viewed as [B, Hkv, G * rows, D] per chunk so that the G query heads
@@ -48,8 +48,7 @@ from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
 CHUNK_FULL = 64  # non-causal: the chunk only bounds the memory of the features
-KEY_GRAD_ROWS = 16  # rows per step of the non-causal dK, dV scan, when every output is alive
-REVERSE_ROWS = 16  # rows per step of the causal reverse (dK, dV) scan, for the same reason
+LAST_SCAN_ROWS = 16  # rows per step of the backward's last scan (dK, dV), when every output is alive
 CAUSAL_ONE_CHUNK = 256  # causal sequences up to this long are one chunk: no features at all
 
 
@@ -68,16 +67,11 @@ def chunk_size(length: int, causal: bool = True) -> int:
     return max(1, min(length, CHUNK_FULL))
 
 
-def reverse_rows(chunk: int) -> int:
-    """Rows per step of the causal backward's reverse scan (dK, dV): REVERSE_ROWS, or the chunk
-    when it is smaller or not a multiple of it (docs/design.md, "Memory of the last scan")."""
-    return REVERSE_ROWS if chunk % REVERSE_ROWS == 0 else chunk
-
-
-def key_grad_rows(chunk: int) -> int:
-    """Keys per step of the non-causal backward's last scan (dK, dV): KEY_GRAD_ROWS, or the chunk
-    when it is smaller or not a multiple of it (docs/design.md, "Memory of the last scan")."""
-    return KEY_GRAD_ROWS if chunk % KEY_GRAD_ROWS == 0 else chunk
+def last_scan_rows(chunk: int) -> int:
+    """Rows per step of the backward's last scan (dK, dV; the causal reverse scan or the
+    non-causal key scan): LAST_SCAN_ROWS, or the chunk when it is not a multiple of it
+    (docs/design.md, "Memory of the last scan")."""
+    return LAST_SCAN_ROWS if chunk % LAST_SCAN_ROWS == 0 else chunk
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -385,7 +379,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
         (dh, dz), (dqt,) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                        (p.q, do, o, h, z, p.mu_t, *p.tables))
 
-        rows = key_grad_rows(p.c)
+        rows = last_scan_rows(p.c)
 
         def key_step(carry, x, extra):
             k, v, w, mu, rest = p.split_key_inputs(extra)
@@ -426,7 +420,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
 
         # reverse order: the state gradients of the later chunks, dH_>c and dz_>c, give dK and dV,
         # in chunks of `rows` (every output is alive during this scan: its buffers are kept small)
-        rows = reverse_rows(p.c) if p.nk > 1 else p.c
+        rows = last_scan_rows(p.c) if p.nk > 1 else p.c
         n_rev = p.nk * p.c // rows
         r_all, dden_all = p.regroup(r_all, rows), p.regroup(dden_all, rows)
 

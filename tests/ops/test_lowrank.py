@@ -82,20 +82,19 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
 def test_last_scan_in_smaller_steps_matches_surrogate(case, monkeypatch):
-    """dK, dV are computed in steps of fewer rows than the chunk (KEY_GRAD_ROWS non-causal,
-    REVERSE_ROWS causal): GQA, masks, partial last chunks, against the float64 surrogate."""
-    monkeypatch.setattr(lowrank, "KEY_GRAD_ROWS", 2)
-    monkeypatch.setattr(lowrank, "REVERSE_ROWS", 2)
+    """dK, dV are computed in steps of fewer rows than the chunk (LAST_SCAN_ROWS, causal and
+    non-causal): GQA, masks, partial last chunks, against the float64 surrogate."""
+    monkeypatch.setattr(lowrank, "LAST_SCAN_ROWS", 2)
     chunk = case[-1]
-    assert (lowrank.key_grad_rows(chunk), lowrank.reverse_rows(chunk)) == (2, 2)
+    assert lowrank.last_scan_rows(chunk) == 2
     assert_matches_surrogate(case, seed=case[3] + case[4])
 
 
 def test_last_scan_rows_fall_back_to_the_chunk_when_it_does_not_divide():
-    assert lowrank.key_grad_rows(64) == lowrank.KEY_GRAD_ROWS
-    assert lowrank.reverse_rows(lowrank.CHUNK_CAUSAL) == lowrank.REVERSE_ROWS
+    assert lowrank.last_scan_rows(lowrank.CHUNK_FULL) == lowrank.LAST_SCAN_ROWS
+    assert lowrank.last_scan_rows(lowrank.CHUNK_CAUSAL) == lowrank.LAST_SCAN_ROWS
     for chunk in (3, 5, 24, 100):
-        assert lowrank.key_grad_rows(chunk) == chunk and lowrank.reverse_rows(chunk) == chunk
+        assert lowrank.last_scan_rows(chunk) == chunk
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -173,8 +172,7 @@ class _FixedCentre(torch.autograd.Function):
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 def test_gradcheck_lowrank_path(causal, mask, degree, split, monkeypatch):
     """`split`: chunks of 4 rows, the last scan (dK, dV) in steps of 2."""
-    monkeypatch.setattr(lowrank, "KEY_GRAD_ROWS", 2)
-    monkeypatch.setattr(lowrank, "REVERSE_ROWS", 2)
+    monkeypatch.setattr(lowrank, "LAST_SCAN_ROWS", 2)
     q, k, v, w = make_inputs(1, 4, 2, 7, 3, mask, q_scale=0.4)
     kw = dict(scale=0.5, degree=degree, causal=causal, key_weight=w, chunk=4 if split else 3,
               center=naive.key_center(k, w))

@@ -131,8 +131,7 @@ def test_chunked_lowrank_matches_surrogate(case):
 @pytest.mark.parametrize("mask", [None, "padding"])
 def test_last_scan_in_smaller_steps_matches_surrogate(causal, mask, monkeypatch):
     """softmax_1 with dK, dV computed in steps of 2 rows of a 4-row chunk (GQA, partial chunk)."""
-    monkeypatch.setattr(lowrank, "KEY_GRAD_ROWS", 2)
-    monkeypatch.setattr(lowrank, "REVERSE_ROWS", 2)
+    monkeypatch.setattr(lowrank, "LAST_SCAN_ROWS", 2)
     q, k, v, w = make_inputs(2, 4, 2, 13, 8, mask, seed=7)
     kw = dict(scale=8**-0.5, degree=2, causal=causal, key_weight=w)
     dout = randn((2, 4, 13, 8), 8)
