@@ -96,6 +96,7 @@ def run_worker(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from lora_pass.backend import lowrank_inductor_defaults
     from lora_pass.guard import norm_bound, r_max
     from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
 
@@ -143,12 +144,15 @@ def run_worker(spec: dict) -> dict:
     def model(a, b, c):
         return attention(a, b, c)
 
-    fn = torch.compile(model, backend="inductor", fullgraph=True)
+    # the low-rank op with the Inductor settings the backend adds where it compiles a low-rank path
+    settings = lowrank_inductor_defaults(device.type) if mode == "lowrank" else {}
+    fn = torch.compile(model, backend="inductor", fullgraph=True, options=settings or None)
 
     def step():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
-    result = {"mode": mode, "causal": causal, "length": length, "threads": torch.get_num_threads()}
+    result = {"mode": mode, "causal": causal, "length": length, "threads": torch.get_num_threads(),
+              "inductor_settings": settings}
     result.update(_compile_and_time(step, spec, sync, MIN_SAMPLE_S))
     result["compile_peak_rss_mb"] = _rss_mb("VmHWM") - base_rss  # the compiler's own memory
     if cuda:
@@ -215,6 +219,7 @@ def summarise(runs: list[dict], lengths, causals) -> list[dict]:
                 "other_load": max(r.get("other_load") or 0.0 for r in timed),
                 "contended": any(r.get("contended") for r in timed),
                 "errors": {m: r["error"] for m, r in zip(MODES, (ex, lr)) if "error" in r},
+                "lowrank_inductor_settings": lr.get("inductor_settings"),
             })
     return rows
 
@@ -319,6 +324,12 @@ def render_table(rows, fmt):
     return tabulate(body, headers=list(HEADERS.values()), tablefmt=fmt, disable_numparse=True)
 
 
+def _settings_text(rows) -> str:
+    """The Inductor settings of the low-rank runs (lora_pass.backend.lowrank_inductor_defaults)."""
+    seen = {json.dumps(r.get("lowrank_inductor_settings") or {}, sort_keys=True) for r in rows}
+    return "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(x).items()) or "none" for x in sorted(seen))
+
+
 def write_markdown(path, report, rows):
     lines = [
         "# Attention benchmark: low-rank path against exact attention",
@@ -336,7 +347,9 @@ def write_markdown(path, report, rows):
         f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
         "are forward + backward (guard: forward only, it runs once per forward). Exact is",
         "`scaled_dot_product_attention` compiled by Inductor; lowrank is the guarded op as the backend inserts it",
-        "(guard and `cond` included), every call of which took the low-rank path (its telemetry is checked).",
+        "(guard and `cond` included), every call of which took the low-rank path (its telemetry is checked),",
+        "compiled with the Inductor settings the backend adds where a low-rank path compiles "
+        f"({_settings_text(rows)}).",
         "Peak memory is the tensor memory one compiled step allocates above what is live before it",
         "(inputs, compiled code): `torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's running",
         "total as the profiler records it on CPU. RSS is the growth of resident memory over the step on",

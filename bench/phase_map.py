@@ -80,8 +80,9 @@ def _lowrank_entry(a, b, c):
     return _OPS["lowrank"](a, b, c)
 
 
-def make_path(paths: str, cfg_kw: dict, compile_mode: str):
-    """fn(q, k, v) -> out through the guarded op with `paths` compiled in, eager or by Inductor.
+def make_path(paths: str, cfg_kw: dict, compile_mode: str, device_type: str = "cpu"):
+    """fn(q, k, v) -> out through the guarded op with `paths` compiled in, eager or by Inductor
+    (the low-rank path with the Inductor settings the backend adds for it on `device_type`).
 
     Each path gets its own entry function: Dynamo caches compiled code per code object and does
     not guard on what an allow_in_graph function captures, so one shared wrapper compiled for
@@ -89,6 +90,7 @@ def make_path(paths: str, cfg_kw: dict, compile_mode: str):
     """
     import torch
 
+    from lora_pass.backend import lowrank_inductor_defaults
     from lora_pass.ops.attention import AttentionConfig, guarded_attention
 
     cfg = AttentionConfig(paths=paths, **cfg_kw)
@@ -102,7 +104,8 @@ def make_path(paths: str, cfg_kw: dict, compile_mode: str):
     # that the backend inserts into a Dynamo graph (as in bench/attention.py).
     _OPS[paths] = torch.compiler.allow_in_graph(op)
     entry = {"exact": _exact_entry, "lowrank": _lowrank_entry}[paths]
-    return torch.compile(entry, backend="inductor", fullgraph=True, dynamic=False)
+    settings = lowrank_inductor_defaults(device_type) if paths == "lowrank" else {}
+    return torch.compile(entry, backend="inductor", fullgraph=True, dynamic=False, options=settings or None)
 
 
 def make_inputs(kind: str, shape, gen) -> dict:
@@ -157,7 +160,7 @@ def run_length(length: int, bounds: list[float], args, bar) -> tuple[list[dict],
     rmax = r_max(args.degree, args.tolerance)
     shape = (args.batch, args.heads, length, args.head_dim)
     cfg_kw = dict(scale=scale, causal=args.causal, degree=args.degree, r_max=rmax)
-    paths = {name: make_path(name, cfg_kw, args.compile) for name in ("exact", "lowrank")}
+    paths = {name: make_path(name, cfg_kw, args.compile, device.type) for name in ("exact", "lowrank")}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     compile_s, cells, timed = {}, [], {}
     for kind in args.inputs:

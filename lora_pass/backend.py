@@ -21,6 +21,10 @@ _RECORDS: list[GraphRecord] = []
 #: Site modules by id. Strong references: the compiled code holds the stats buffers but not the
 #: graph module, which may be freed once compiled; `lora_pass.reset()` drops them.
 _SITE_MODULES: "dict[int, AttentionSite]" = {}
+#: Inductor settings the backend adds for a graph that compiles a low-rank path on CPU, under the
+#: user's `mode` and `options["inductor"]`, which override them (docs/design.md, "The C++ wrapper
+#: on CPU"): the chunk loops run in C++ instead of one Python call per kernel and step.
+LOWRANK_CPU_INDUCTOR = {"cpp_wrapper": True}
 #: Set by lora_pass.inspect: also capture the AOT graphs before and after the rewrite.
 _CAPTURE: list = []
 #: Node meta key: the q/k/v projections of an attention site, traced in the whole Dynamo graph
@@ -48,8 +52,10 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
         record = _rewrite(gm, opts, example_inputs)
     except Exception as exc:  # a failure outside a single site (a pattern, a subgraph)
         record = _fall_back(gm, snapshot, None, f"rewrite failed: {exc!r}")
-    patches = dict(compat.list_mode_options(mode)) if mode else {}
-    patches.update(opts.inductor)
+    user = dict(compat.list_mode_options(mode)) if mode else {}
+    user.update(opts.inductor)
+    defaults = default_inductor_patches(record, example_inputs)
+    patches = {**defaults, **user}
 
     def compile_now(record):
         if record.sites and patches.get("post_grad_custom_pre_pass") is None:
@@ -60,7 +66,18 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
         return _compile_capturing(gm, before, example_inputs, record, patches)
 
     try:
-        compiled = compile_now(record)
+        try:
+            compiled = compile_now(record)
+        except Exception as exc:
+            added = {name: value for name, value in defaults.items() if name not in user}
+            if not added:
+                raise
+            # the backend's own additions failed: the same rewrite without them, before giving it up
+            warnings.warn(f"lowrank_lora: compiling with Inductor settings {added} failed ({exc!r}); "
+                          "compiling without them")
+            for name in added:
+                patches.pop(name)
+            compiled = compile_now(record)
     except Exception as exc:
         if not snapshot.changed():
             raise  # not the rewrite's doing
@@ -73,6 +90,22 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
         module.site = site
         _SITE_MODULES[id(module)] = module
     return compiled
+
+
+def default_inductor_patches(record: GraphRecord, example_inputs) -> dict:
+    """The Inductor settings the backend adds for this graph: LOWRANK_CPU_INDUCTOR when a site
+    compiles the low-rank path (paths "lowrank" or "guarded") and every tensor input is on CPU,
+    else none. The user's `mode` and `options["inductor"]` override them."""
+    lowrank = any(site.paths != "exact" for site in record.sites)
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    return lowrank_inductor_defaults(devices.pop()) if lowrank and len(devices) == 1 else {}
+
+
+def lowrank_inductor_defaults(device_type: str) -> dict:
+    """Inductor settings the backend adds to a graph that compiles a low-rank path on
+    `device_type` ("cpu": LOWRANK_CPU_INDUCTOR; other devices: none). bench/attention.py compiles
+    the op with them, as the backend would."""
+    return dict(LOWRANK_CPU_INDUCTOR) if device_type == "cpu" else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,18 @@ def tiny_opt(attn="sdpa", targets=("q_proj", "v_proj"), layers=2, hidden=32, hea
     return model
 
 
+def calls_op(code: str, name: str) -> bool:
+    """Does Inductor's generated code call the custom op `lora_pass::<name>`? The Python wrapper
+    calls `torch.ops.lora_pass.<name>`, the C++ wrapper (the backend's default on CPU when a
+    low-rank path is compiled, see lora_pass.backend.LOWRANK_CPU_INDUCTOR) the dispatcher by name."""
+    return f"torch.ops.lora_pass.{name}" in code or f'aoti_torch_call_dispatcher("lora_pass::{name}"' in code
+
+
+def uses_cpp_wrapper(code: str) -> bool:
+    """Is this generated code Inductor's C++ wrapper (not the Python one)?"""
+    return "cpp_wrapper_src" in code
+
+
 def lora_grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -89,6 +89,61 @@ def test_compile_mode_and_inductor_patches_reach_inductor(monkeypatch):
     assert seen["patches"] == {"epilogue_fusion": False}
 
 
+def _patches_for(monkeypatch, options, fail_with=None, calls=None):
+    """Inductor patches each compile_fx call of the backend received, for a LoRA attention block
+    compiled with `options` (compile_fx replaced: nothing is compiled), and the graph records.
+    `fail_with`: a patch name whose presence makes the fake compile_fx raise; `calls`: the list
+    to record into."""
+    from tests.conftest import lora_block
+    from tests.test_negative import LoraAttention
+
+    calls = [] if calls is None else calls
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        calls.append(dict(config_patches or {}))
+        if fail_with and fail_with in (config_patches or {}):
+            raise RuntimeError(f"{fail_with} unsupported here")
+        return gm.forward
+
+    monkeypatch.setattr(compat, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    lora_pass.reset()
+    torch.compile(lora_block(LoraAttention), backend="lowrank_lora", options=options)(torch.randn(2, 8, 16))
+    return calls, lora_pass.records()
+
+
+def test_cpp_wrapper_is_the_default_where_a_lowrank_path_compiles_on_cpu(monkeypatch):
+    from lora_pass.backend import LOWRANK_CPU_INDUCTOR
+
+    for options in ({"mode": "lowrank"}, {"crossover": 0}):  # paths "lowrank" and "guarded"
+        calls, records = _patches_for(monkeypatch, options)
+        assert len(calls) == 1 and calls[0]["cpp_wrapper"] is True
+        assert LOWRANK_CPU_INDUCTOR.items() <= calls[0].items()
+    # an exact-only graph is compiled with the user's settings alone
+    for options in ({"mode": "exact"}, None):  # None: L = 8 is below the crossover, exact
+        calls, records = _patches_for(monkeypatch, options)
+        assert len(records) == 1 and len(records[0].sites) == 1 and records[0].sites[0].paths == "exact"
+        assert "cpp_wrapper" not in calls[0]
+    # the user's settings override the backend's
+    calls, _ = _patches_for(monkeypatch, {"mode": "lowrank", "inductor": {"cpp_wrapper": False}})
+    assert calls[0]["cpp_wrapper"] is False
+
+
+def test_failing_default_inductor_settings_are_dropped_not_the_rewrite(monkeypatch):
+    with pytest.warns(UserWarning, match="compiling without them"):
+        calls, records = _patches_for(monkeypatch, {"mode": "lowrank"}, fail_with="cpp_wrapper")
+    assert [("cpp_wrapper" in c) for c in calls] == [True, False]
+    (record,) = records
+    assert len(record.sites) == 1 and record.sites[0].paths == "lowrank" and not record.skipped
+    # a setting the user asked for is never dropped: the unchanged graph is tried with it, and
+    # the user sees the error
+    calls = []
+    with pytest.warns(UserWarning, match="compiled unchanged"), pytest.raises(Exception, match="unsupported here"):
+        _patches_for(monkeypatch, {"mode": "lowrank", "inductor": {"cpp_wrapper": True}}, fail_with="cpp_wrapper",
+                     calls=calls)
+    assert [c.get("cpp_wrapper") for c in calls] == [True, True]
+
+
 def test_public_api():
     for name in lora_pass.__all__:
         assert getattr(lora_pass, name).__doc__

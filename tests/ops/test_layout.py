@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lora_pass.backend import lowrank_inductor_defaults
 from lora_pass.ops import layout
 from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, _operands, guarded_attention, new_stats
 
@@ -156,7 +157,9 @@ def test_compiled_lowrank_path_copies_no_output(causal):
     def op(q, k, v, s):
         return guarded_attention(q, k, v, cfg, s)
 
-    fn = torch.compile(lambda q, k, v: op(q, k, v, stats), backend="inductor", fullgraph=True)
+    # with the settings the backend compiles a low-rank path with (the C++ wrapper on CPU)
+    fn = torch.compile(lambda q, k, v: op(q, k, v, stats), backend="inductor", fullgraph=True,
+                       options=lowrank_inductor_defaults("cpu"))
 
     def step():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
