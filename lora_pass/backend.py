@@ -38,9 +38,12 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     Finds LoRA-adapted softmax attention in the Dynamo graph (also inside activation-checkpointed
     regions), replaces it by the guarded low-rank op (lora_pass.ops.attention) and compiles the
     result with Inductor. `mode` ("max-autotune", ...) and `options["inductor"]` are passed on to
-    Inductor. A graph with nothing to rewrite is compiled exactly as `backend="inductor"` compiles
-    it. If the rewrite, or compiling the rewritten graph, fails, a warning is issued and the graph
-    is compiled unchanged (every site exact), with the reason in its record.
+    Inductor, over the backend's own settings (`default_inductor_patches`: the C++ wrapper for a
+    graph that compiles a low-rank path on CPU). A graph with nothing to rewrite is compiled
+    exactly as `backend="inductor"` compiles it. If compiling with the backend's own settings
+    fails, they are dropped with a warning; if the rewrite, or compiling the rewritten graph,
+    fails, a warning is issued and the graph is compiled unchanged (every site exact), with the
+    reason in its record.
     """
     if unused:
         raise ValueError(f"lowrank_lora: unexpected arguments {sorted(unused)}; pass settings through options={{...}}")
