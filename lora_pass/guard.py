@@ -118,8 +118,9 @@ def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key
 # Crossover sequence lengths for d = 64, g = 2 (rank 2,145), forward + backward. CPU: measured by
 # bench/attention.py on one thread, the op compiled as the backend compiles it (C++ wrapper), on an
 # Intel Xeon (bench/results/cpu-intel-xeon/attention.json, interpolated between the measured
-# lengths: 7,041 causal, 2,771 non-causal; the AMD EPYC of earlier runs was faster still). CUDA: not measured yet; a FLOP-based placeholder until a GPU run
-# of bench/attention.py replaces it. Other (d, g) scale with the feature rank: the low-rank cost is
+# lengths: 7,041 causal, 2,771 non-causal; the AMD EPYC of earlier runs was faster still).
+# CUDA: not measured yet; a FLOP-based placeholder until a GPU run of bench/attention.py
+# replaces it. Other (d, g) scale with the feature rank: the low-rank cost is
 # O(L k d) against O(L^2 d) for exact attention, so the crossover moves with k.
 CROSSOVER_D64_G2 = {
     ("cpu", True): 7000,
