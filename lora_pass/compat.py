@@ -7,6 +7,8 @@ import torch
 from torch._inductor import list_mode_options  # noqa: F401  (re-exported)
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  (re-exported)
 
+from .ops.layout import row_major_strides
+
 
 def is_fake(t) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
@@ -189,11 +191,7 @@ def _canonical_strides(fn):
     def canonical(t):
         if not isinstance(t, torch.Tensor):
             return t
-        expected, step = [], 1
-        for size in reversed(t.shape):
-            expected.append(step)
-            step *= size
-        expected = tuple(reversed(expected))
+        expected = row_major_strides(t.shape)
         if tuple(t.stride()) == expected:
             return t
         if t.is_contiguous():  # only size-1 dimensions differ: same memory, same element order
