@@ -96,7 +96,7 @@ def run_worker(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lora_pass.backend import lowrank_inductor_defaults
+    from lora_pass.backend import lowrank_inductor_defaults, op_backend
     from lora_pass.guard import norm_bound, r_max
     from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
 
@@ -145,8 +145,13 @@ def run_worker(spec: dict) -> dict:
         return attention(a, b, c)
 
     # the low-rank op with the Inductor settings the backend adds where it compiles a low-rank path
+    # compiled as the backend compiles a rewritten graph (lora_pass.backend.compile_rewritten);
+    # exact attention is plain SDPA under backend="inductor"
     settings = lowrank_inductor_defaults(device.type) if mode == "lowrank" else {}
-    fn = torch.compile(model, backend="inductor", fullgraph=True, options=settings or None)
+    if mode == "lowrank":
+        fn = torch.compile(model, backend=op_backend(settings), fullgraph=True)
+    else:
+        fn = torch.compile(model, backend="inductor", fullgraph=True)
 
     def step():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)

@@ -90,7 +90,7 @@ def make_path(paths: str, cfg_kw: dict, compile_mode: str, device_type: str = "c
     """
     import torch
 
-    from lora_pass.backend import lowrank_inductor_defaults
+    from lora_pass.backend import lowrank_inductor_defaults, op_backend
     from lora_pass.ops.attention import AttentionConfig, guarded_attention
 
     cfg = AttentionConfig(paths=paths, **cfg_kw)
@@ -105,7 +105,7 @@ def make_path(paths: str, cfg_kw: dict, compile_mode: str, device_type: str = "c
     _OPS[paths] = torch.compiler.allow_in_graph(op)
     entry = {"exact": _exact_entry, "lowrank": _lowrank_entry}[paths]
     settings = lowrank_inductor_defaults(device_type) if paths == "lowrank" else {}
-    return torch.compile(entry, backend="inductor", fullgraph=True, dynamic=False, options=settings or None)
+    return torch.compile(entry, backend=op_backend(settings), fullgraph=True, dynamic=False)
 
 
 def make_inputs(kind: str, shape, gen) -> dict:

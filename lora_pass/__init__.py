@@ -4,20 +4,21 @@
     compiled = torch.compile(model, backend="lowrank_lora", options={"tolerance": 0.05})
 
 Public API: `lowrank_lora` (the backend), `inspect` and its `Report`, `Options`, `records()`,
-`sites()`, `telemetry()`, `guarded_attention` and `AttentionConfig` (the op), `softmax_1`
+`sites()`, `telemetry()`, `guarded_attention` and `AttentionConfig` (the op), `op_backend` (a
+torch.compile backend for functions that call the op directly), `softmax_1`
 (outlier-free attention; `lora_pass.softmax_one.register_attention()` adds it to transformers).
 """
 
 from __future__ import annotations
 
-from .backend import lowrank_lora
+from .backend import lowrank_lora, op_backend
 from .ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention
 from .options import Options
 from .report import Report, inspect
 from .softmax_one import softmax_1
 
-__all__ = ["lowrank_lora", "inspect", "Report", "Options", "AttentionConfig", "guarded_attention", "softmax_1", "records", "sites",
-           "telemetry", "reset"]
+__all__ = ["lowrank_lora", "op_backend", "inspect", "Report", "Options", "AttentionConfig", "guarded_attention",
+           "softmax_1", "records", "sites", "telemetry", "reset"]
 
 
 def records():

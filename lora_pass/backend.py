@@ -61,11 +61,8 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     patches = {**defaults, **user}
 
     def compile_now(record):
-        if record.sites and patches.get("post_grad_custom_pre_pass") is None:
-            # key Inductor's FX-graph cache on this package's sources (see compat.SourceHashPass)
-            patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
         if not capture:
-            return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+            return compile_rewritten(gm, example_inputs, patches, rewritten=bool(record.sites))
         return _compile_capturing(gm, before, example_inputs, record, patches)
 
     try:
@@ -85,7 +82,6 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
         if not snapshot.changed():
             raise  # not the rewrite's doing
         record = _fall_back(gm, snapshot, record, f"compiling the rewritten graph failed: {exc!r}")
-        patches.pop("post_grad_custom_pre_pass", None)
         compiled = compile_now(record)
     _RECORDS.append(record)
     for site in record.sites:
@@ -93,6 +89,38 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
         module.site = site
         _SITE_MODULES[id(module)] = module
     return compiled
+
+
+def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None = None, *, rewritten: bool = True,
+                      inner_compile=None):
+    """Inductor's compile_fx with config `patches`. A `rewritten` graph (one holding the attention
+    op) has its higher-order ops' subgraphs lowered without donated inputs
+    (`compat.subgraphs_without_donation`: the op's backward is a cond around while_loops, and
+    Inductor 2.13 may otherwise overwrite a loop-invariant input in place), and Inductor's
+    FX-graph cache keyed on this package's sources (`compat.SourceHashPass`, unless `patches` set
+    their own `post_grad_custom_pre_pass`): no cached code compiled by another version of the op
+    or without that fix is reused. A graph without sites is compiled exactly as
+    `backend="inductor"` compiles it."""
+    patches = dict(patches or {})
+    if not rewritten:
+        if inner_compile is None:
+            return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+        return compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches or None)
+    if patches.get("post_grad_custom_pre_pass") is None:
+        patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
+    inner = compat.without_subgraph_donation(inner_compile or compat.compile_fx_inner())
+    return compat.compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
+
+
+def op_backend(patches: dict | None = None):
+    """A torch.compile backend that compiles a function calling the attention op directly (no
+    rewrite: bench/attention.py) as `lowrank_lora` compiles a rewritten graph: `compile_rewritten`
+    with Inductor config `patches` (e.g. `lowrank_inductor_defaults`)."""
+
+    def backend(gm, example_inputs):
+        return compile_rewritten(gm, example_inputs, dict(patches or {}))
+
+    return backend
 
 
 def default_inductor_patches(record: GraphRecord, example_inputs) -> dict:
@@ -320,7 +348,8 @@ def _compile_capturing(gm, before, example_inputs, record, patches):
         return inner(graph, inputs, **kwargs)
 
     with compat.fresh_aot_compile():
-        compiled = compat.compile_fx(gm, example_inputs, inner_compile=recording_inner, config_patches=patches or None)
+        compiled = compile_rewritten(gm, example_inputs, patches, rewritten=bool(record.sites),
+                                     inner_compile=recording_inner)
     if not record.sites:
         record.aot_before = dict(record.aot_after)
     return compiled

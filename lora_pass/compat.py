@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from torch._inductor import list_mode_options  # noqa: F401  (re-exported)
@@ -417,6 +419,61 @@ def aot_trace_graphs(gm, example_inputs):
 
 def compile_fx_inner():
     from torch._inductor.compile_fx import compile_fx_inner as inner
+
+    return inner
+
+
+_NO_SUBGRAPH_DONATION_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def subgraphs_without_donation():
+    """Inductor lowers the subgraphs of higher-order ops (cond branches, while_loop bodies)
+    without treating any of their inputs as donated buffers.
+
+    A backward graph's donated buffers are saved tensors that the graph may overwrite once read
+    (`bw_donated_idxs`, indices into its placeholders). Inductor gives every subgraph lowering
+    the parent's index list, which it applies to the subgraph's
+    own, unrelated placeholders (torch 2.13.0; the upstream change for it also keeps subgraph
+    inputs non-donated): an input of a while_loop body at such an index may be overwritten in place by
+    a pointwise kernel of the same size, and a loop-invariant input is then wrong from the second
+    step on (silently wrong gradients; tests/test_compat.py has a backward whose loop is
+    corrupted this way without the fix). Subgraph inputs are owned by the parent graph, so
+    none of them is donated here; the parent graph's own donation is unchanged.
+    """
+    from torch._inductor.graph import GraphLowering
+
+    if _NO_SUBGRAPH_DONATION_DEPTH[0]:
+        _NO_SUBGRAPH_DONATION_DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _NO_SUBGRAPH_DONATION_DEPTH[0] -= 1
+        return
+    original = GraphLowering.make_subgraph
+
+    def make_subgraph(self, *args, **kwargs):
+        subgraph = original(self, *args, **kwargs)
+        subgraph.bw_donated_idxs = None  # read when its placeholders are lowered, after this
+        return subgraph
+
+    GraphLowering.make_subgraph = make_subgraph
+    _NO_SUBGRAPH_DONATION_DEPTH[0] = 1
+    try:
+        yield
+    finally:
+        _NO_SUBGRAPH_DONATION_DEPTH[0] = 0
+        GraphLowering.make_subgraph = original
+
+
+def without_subgraph_donation(inner_compile):
+    """`inner_compile` (Inductor's compile_fx_inner or a wrapper of it) run under
+    `subgraphs_without_donation`: compile_fx calls it for the forward graph and, at the first
+    backward, for the backward graph, so both are covered."""
+
+    def inner(*args, **kwargs):
+        with subgraphs_without_donation():
+            return inner_compile(*args, **kwargs)
 
     return inner
 

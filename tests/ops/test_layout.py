@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_pass.backend import lowrank_inductor_defaults
+from lora_pass.backend import lowrank_inductor_defaults, op_backend
 from lora_pass.ops import layout
 from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, _operands, guarded_attention, new_stats
 
@@ -84,7 +84,7 @@ def test_fused_projection_views_compile_through_cond():
         q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in (x @ w.t()).split(H * D, dim=-1))
         return op(q, k, v).transpose(1, 2).reshape(B, L, H * D)
 
-    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    compiled = torch.compile(model, backend=op_backend(), fullgraph=True)
     a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
     out, ref = compiled(x, a), model(x, b)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -115,15 +115,15 @@ def test_compiled_exact_path_allocates_no_more_than_plain_sdpa():
     def op(q, k, v):
         return guarded_attention(q, k, v, cfg)
 
-    def model(attention):
+    def model(attention, backend="inductor"):
         def f(*xs):
             q, k, v = (t.view(1, length, heads, 64).transpose(1, 2) for t in xs)
             return attention(q, k, v).transpose(1, 2).reshape(1, length, heads * 64)
-        return torch.compile(f, backend="inductor", fullgraph=True)
+        return torch.compile(f, backend=backend, fullgraph=True)
 
     sdpa = model(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125))
     peaks = {}
-    for name, fn in (("sdpa", sdpa), ("op", model(op))):
+    for name, fn in (("sdpa", sdpa), ("op", model(op, op_backend()))):
         def step(fn=fn):
             return torch.autograd.grad(fn(*xs), xs, dout)
         step()
@@ -158,8 +158,8 @@ def test_compiled_lowrank_path_copies_no_output(causal):
         return guarded_attention(q, k, v, cfg, s)
 
     # with the settings the backend compiles a low-rank path with (the C++ wrapper on CPU)
-    fn = torch.compile(lambda q, k, v: op(q, k, v, stats), backend="inductor", fullgraph=True,
-                       options=lowrank_inductor_defaults("cpu"))
+    fn = torch.compile(lambda q, k, v: op(q, k, v, stats), backend=op_backend(lowrank_inductor_defaults("cpu")),
+                       fullgraph=True)
 
     def step():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lora_pass import guard
+from lora_pass.backend import op_backend
 from lora_pass.ops import exact, lowrank, naive
 from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
 from tests.ops.test_lowrank import case_id
@@ -316,7 +317,7 @@ def test_op_compiled_with_fullgraph_matches_eager_on_both_paths():
     cfg = AttentionConfig(scale=8**-0.5, causal=True, degree=2, r_max=guard.r_max(2, 0.05), softmax_one=True)
     stats_compiled, stats_eager = new_stats("cpu"), new_stats("cpu")
     compiled = torch.compile(lambda q, k, v, w: guarded_attention(q, k, v, cfg, stats_compiled, key_weight=w),
-                             fullgraph=True, backend="inductor")
+                             fullgraph=True, backend=op_backend())
     for inputs, refs in ((small[:3], "lowrank"), (large, "exact")):
         dout = randn(inputs[0].shape, 62).float()
         out, grads = grads_of(lambda q, k, v: compiled(q, k, v, w), inputs, dout)

@@ -1,0 +1,84 @@
+"""compat.subgraphs_without_donation: a loop in a backward keeps its loop-invariant inputs."""
+
+import pytest
+import torch
+
+from lora_pass import compat
+from lora_pass.backend import op_backend
+
+N, D = 4, 8
+
+
+class _LoopInBackward(torch.autograd.Function):
+    """x -> w.repeat(N) * prod_i t_i(x) with a scan in the backward whose body reads the
+    loop-invariant w in a pointwise op of w's size, whose result a matmul reads.
+
+    The six matmul products are saved for the backward, which makes them donated buffers of the
+    backward graph (placeholders 1 to 6); the scan body's inputs are (index, ys, carry, xs, w, m2),
+    so w is body input 4, an index of that list. Inductor 2.13.0 without the fix writes
+    2 w + g_0 into w's buffer at the first step: every later row of the gradient is wrong."""
+
+    @staticmethod
+    def forward(ctx, x, w, m):
+        ts = [x @ (m * (i + 1)).sin() for i in range(6)]
+        ctx.save_for_backward(w, *ts)
+        ctx.m2 = m.cos()
+        out = w.repeat(N, 1)
+        for t in ts:
+            out = out * t
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        w, *ts = ctx.saved_tensors
+
+        def step(carry, xs, extra):
+            wt, mt = extra
+            y = wt * 2.0 + xs[0]  # w's last use; a matmul reads y, so y gets a buffer of its own
+            return (carry[0] + 1.0,), ((y.view(1, D) @ mt).view(D),)
+
+        _, (gx,) = compat.scan(step, (g.new_zeros(()),), (g,), (w, ctx.m2))
+        for t in ts:
+            gx = gx * t
+        return gx, None, None
+
+
+@torch.compiler.allow_in_graph
+def _apply(x, w, m):
+    return _LoopInBackward.apply(x, w, m)
+
+
+def _loss(x, w, m):
+    return _apply(x, w, m).sum()
+
+
+def _grad(fn, seed):
+    gen = torch.Generator().manual_seed(seed)  # float64: the compiled gradient is exact to ~1e-15
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64).requires_grad_()
+    w, m = torch.randn(D, generator=gen, dtype=torch.float64), torch.randn(D, D, generator=gen, dtype=torch.float64)
+    fn(x, w, m).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loop_invariant_input_of_a_backward_loop_is_not_overwritten(seed):
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):  # scan stays a loop (no unrolling)
+        compiled = torch.compile(_loss, backend=op_backend(), fullgraph=True)
+        from torch._inductor.utils import run_and_get_code
+
+        got, codes = run_and_get_code(lambda: _grad(compiled, seed))
+    assert any("while_loop_body" in code for code in codes), "the backward's scan was not a loop"
+    torch.testing.assert_close(got, _grad(_loss, seed), rtol=1e-10, atol=1e-10)
+
+
+def test_subgraph_lowerings_get_no_donated_inputs_and_the_patch_is_undone():
+    from torch._inductor.graph import GraphLowering
+
+    original = GraphLowering.make_subgraph
+    with compat.subgraphs_without_donation():
+        assert GraphLowering.make_subgraph is not original
+        with compat.subgraphs_without_donation():  # nested: one patch
+            pass
+        assert GraphLowering.make_subgraph is not original
+    assert GraphLowering.make_subgraph is original
