@@ -97,7 +97,7 @@ def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None =
     op) has its higher-order ops' subgraphs lowered without donated inputs
     (`compat.subgraphs_without_donation`: the op's backward is a cond around while_loops, and
     Inductor 2.13 may otherwise overwrite a loop-invariant input in place), and Inductor's
-    FX-graph cache keyed on this package's sources (`compat.SourceHashPass`, unless `patches` set
+    FX-graph cache keyed on this package's sources (`compat.PostGradPass`, unless `patches` set
     their own `post_grad_custom_pre_pass`): no cached code compiled by another version of the op
     or without that fix is reused. A graph without sites is compiled exactly as
     `backend="inductor"` compiles it."""
@@ -107,7 +107,7 @@ def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None =
             return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
         return compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches or None)
     if patches.get("post_grad_custom_pre_pass") is None:
-        patches["post_grad_custom_pre_pass"] = compat.SourceHashPass.get()
+        patches["post_grad_custom_pre_pass"] = compat.PostGradPass.get()
     inner = compat.without_subgraph_donation(inner_compile or compat.compile_fx_inner())
     return compat.compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
 

@@ -48,7 +48,7 @@ from .naive import key_center, taylor_polynomial
 
 CHUNK_CAUSAL = 64  # causal: the exact polynomial inside a chunk costs O(L C d)
 CHUNK_FULL = 64  # non-causal: the chunk only bounds the memory of the features
-LAST_SCAN_ROWS = 16  # rows per step of the backward's last scan (dK, dV), when every output is alive
+LAST_SCAN_ROWS = 8  # rows per step of the backward's last scan (dK, dV), when every output is alive
 CAUSAL_ONE_CHUNK = 256  # causal sequences up to this long are one chunk: no features at all
 
 
