@@ -96,9 +96,10 @@ def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None =
     """Inductor's compile_fx with config `patches`. A `rewritten` graph (one holding the attention
     op) has its higher-order ops' subgraphs lowered without donated inputs
     (`compat.subgraphs_without_donation`: the op's backward is a cond around while_loops, and
-    Inductor 2.13 may otherwise overwrite a loop-invariant input in place), and Inductor's
-    FX-graph cache keyed on this package's sources (`compat.PostGradPass`, unless `patches` set
-    their own `post_grad_custom_pre_pass`): no cached code compiled by another version of the op
+    Inductor 2.13 may otherwise overwrite a loop-invariant input in place), and the backend's
+    post-grad pass (`compat.PostGradPass`, unless `patches` set their own
+    `post_grad_custom_pre_pass`): loop states accumulated in place, and Inductor's FX-graph cache
+    keyed on this package's sources, so that no cached code compiled by another version of the op
     or without that fix is reused. A graph without sites is compiled exactly as
     `backend="inductor"` compiles it."""
     patches = dict(patches or {})

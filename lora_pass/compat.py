@@ -104,10 +104,11 @@ def accumulate_carries_in_place(graph) -> int:
     the causal backward's reverse scan that is 1.6 MiB per head at d = 64, next to the results.
 
     A carry is rewritten only when it is safe to overwrite: the add and its product have no other
-    users, A and B are not views of the old state, nothing reads the old state after the add, the
-    final state is not read after the loop (so its buffer is no one else's), and the initial state
-    is computed in this graph for the loop alone (not a graph input). Returns the number of carries
-    rewritten; a graph without scans is left as it is.
+    users, A and B are not views of the old state, the final state is not read after the loop (so
+    its buffer is no one else's), and the initial state is computed in this graph for the loop
+    alone (not a graph input). The in-place GEMM is the body's last node, so every other read of
+    the old state comes before it (Inductor orders a mutation after the earlier reads). Returns
+    the number of carries rewritten; a graph without scans is left as it is.
     """
     import operator
 
@@ -132,7 +133,6 @@ def accumulate_carries_in_place(graph) -> int:
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
         out = next(n for n in body.graph.nodes if n.op == "output")
         results = list(out.args[0])
-        order = {n: i for i, n in enumerate(body.graph.nodes)}
         changed = False
         for i, res in enumerate(results[:len(carried)]):
             ph = placeholders[i]
@@ -147,19 +147,20 @@ def accumulate_carries_in_place(graph) -> int:
                 continue
             a, b = mm.args
             val, aval, bval = ph.meta["val"], a.meta["val"], b.meta["val"]
-            if (not val.is_contiguous() or val.dtype != aval.dtype
+            if not all(isinstance(n, int) for n in (*val.shape, *aval.shape, *bval.shape)):
+                continue  # symbolic sizes: left to Inductor
+            if (not val.is_contiguous() or not val.dtype == aval.dtype == bval.dtype
                     or val.numel() != aval.shape[0] * aval.shape[1] * bval.shape[2]
                     or _view_base(a) is ph or _view_base(b) is ph):
                 continue
-            if any(order[u] > order[res] for u in ph.users if u is not res):
-                continue  # the old state is read after the update
             if any(u.target is operator.getitem and u.args[1] == i and u.users for u in loop.users):
                 continue  # the final state is read after the loop
             init = carried[i]
             if not isinstance(init, fx.Node) or init.op == "placeholder" or len(init.users) != 1:
                 continue  # the initial state is not the loop's alone
-            # placed last, after the loop's own writes into its ys: Inductor pairs a loop's mutated
-            # inputs with its outputs in the order it finds the mutations, which must be index order
+            # placed last: after every read of the old state, and after the loop's own writes into
+            # its ys (Inductor pairs a loop's mutated inputs with its outputs in the order it finds
+            # the mutations, which must be index order)
             with body.graph.inserting_before(out):
                 shape = [aval.shape[0], aval.shape[1], bval.shape[2]]
                 view = body.graph.call_function(aten.view.default, (ph, shape))

@@ -82,3 +82,38 @@ def test_subgraph_lowerings_get_no_donated_inputs_and_the_patch_is_undone():
             pass
         assert GraphLowering.make_subgraph is not original
     assert GraphLowering.make_subgraph is original
+
+
+def _state_loop(return_state):
+    """A scan carrying h [1, 4, 3] updated as h + x_i^T @ b (a bmm), each step emitting the old h's
+    row sums; the final h returned or not."""
+
+    def step(carry, xs, extra):
+        (h,), (b,) = carry, extra
+        return (h + xs[0].transpose(-1, -2) @ b,), (h.sum(-1),)
+
+    def f(xs, b):
+        (h,), (ys,) = compat.scan(step, (b.new_zeros(1, 4, 3),), (xs,), (b,))
+        return (ys, h) if return_state else (ys,)
+
+    return f
+
+
+@pytest.mark.parametrize("return_state", [False, True], ids=["state-unused", "state-returned"])
+def test_carried_state_is_accumulated_in_place_only_when_its_buffer_is_the_loops(return_state):
+    """compat.accumulate_carries_in_place: the state becomes an in-place baddbmm_ on the carried
+    buffer when the final state is not read after the loop, and stays a loop output otherwise;
+    the results equal eager either way."""
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.randn(5, 1, 2, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
+    f = _state_loop(return_state)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got, (code,) = run_and_get_code(torch.compile(f, backend=op_backend(), fullgraph=True), xs, b)
+    assert "while_loop_body" in code
+    assert ("baddbmm_" in code) is not return_state
+    for g, want in zip(got, f(xs, b)):
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)

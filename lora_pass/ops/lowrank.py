@@ -391,7 +391,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
         _, (dk, dv) = compat.scan(key_step, (), (p.chunk_numbers(p.nk * p.c // rows),),
                                   (*p.key_inputs(), dh, dz, *p.tables))
     else:
-        # forward order: prefix states H_<c, z_<c give dQ; each row's r = dN / dO and dden are kept
+        # forward order: prefix states H_<c, z_<c give dQ; each row's r = dN / dO is kept
         def query_step(carry, x, extra):
             h, z = carry
             k, v, w, mu, rest = p.split_key_inputs(extra)
@@ -413,25 +413,26 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 h, z = h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)
             if dc is not None:
                 dqt = dqt + dc * mu_t
-            return (h, z), (p.query_out(dqt * p.root), r, dden)
+            return (h, z), (p.query_out(dqt * p.root), r)
 
-        states, (dqt, r_all, dden_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
-                                                     (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
+        states, (dqt, r_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+                                           (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
 
         # reverse order: the state gradients of the later chunks, dH_>c and dz_>c, give dK and dV,
         # in chunks of `rows` (every output is alive during this scan: its buffers are kept small)
         rows = last_scan_rows(p.c) if p.nk > 1 else p.c
         n_rev = p.nk * p.c // rows
-        r_all, dden_all = p.regroup(r_all, rows), p.regroup(dden_all, rows)
+        r_all = p.regroup(r_all, rows)
 
         def key_step(carry, x, extra):
             dh, dz = carry
             k, v, w, mu, rest = p.split_key_inputs(extra)
-            q, do, r_all, dden_all, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
+            q, do, o, r_all, tables = rest[0], rest[1], rest[2], rest[3], rest[4:]
             i = x[0]
             (kt_c, v_c, w_c, qr), (s, m, a) = p.causal_chunk(k, v, w, mu, q, i, rows)
-            dn = p.query_rows(do, i, rows) * r_all.index_select(0, i).squeeze(0)
-            dden = dden_all.index_select(0, i).squeeze(0)
+            do_r, r = p.query_rows(do, i, rows), r_all.index_select(0, i).squeeze(0)
+            dn = do_r * r
+            dden = -(do_r * p.query_rows(o, i, rows)).sum(-1, keepdim=True) * r  # as in output_grads
             dkt = p.intra_grad(s, m, dn, dden, v_c).transpose(-1, -2) @ qr
             dv_c = a.transpose(-1, -2) @ dn
             if n_rev > 1:  # one chunk has no later queries: the state gradients stay 0
@@ -442,7 +443,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             return (dh, dz), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
         _, (dk, dv) = compat.scan(key_step, tuple(_zeroed(t) for t in states), (p.chunk_numbers(n_rev, reverse=True),),
-                                  (*p.key_inputs(), p.q, do, r_all, dden_all, *p.tables))
+                                  (*p.key_inputs(), p.q, do, o, r_all, *p.tables))
         reverse_leading_(dk)
         reverse_leading_(dv)
     return _sequence(dqt, p.lq).to(q.dtype), _sequence(dk, p.lk).to(k.dtype), _sequence(dv, p.lk).to(v.dtype)
