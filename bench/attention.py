@@ -144,8 +144,8 @@ def run_worker(spec: dict) -> dict:
     def model(a, b, c):
         return attention(a, b, c)
 
-    # the low-rank op with the Inductor settings the backend adds where it compiles a low-rank path
-    # compiled as the backend compiles a rewritten graph (lora_pass.backend.compile_rewritten);
+    # the low-rank op compiled as the backend compiles a rewritten graph (lora_pass.op_backend: the
+    # Inductor settings it adds on CPU, its post-grad pass, subgraphs without donated inputs);
     # exact attention is plain SDPA under backend="inductor"
     settings = lowrank_inductor_defaults(device.type) if mode == "lowrank" else {}
     if mode == "lowrank":
