@@ -353,7 +353,10 @@ def _own_while_loop_carries():
     the forward's scan and the backward's, saved for the backward) was clobbered: wrong
     gradients. The preallocated scan outputs (`empty_strided`, see decompose_scan_to_while_loop)
     are owned by the loop and are not copied; the other carries (states of size k x d, a counter)
-    are small.
+    are small. The body reused a carried input's storage through the donated-buffer indices it
+    inherits from the backward (`subgraphs_without_donation`, which rewritten graphs now compile
+    under); this copy stays for the graphs the backend leaves alone, and it is the buffer that
+    `accumulate_carries_in_place` then updates in place.
     """
     from torch._inductor import ir
     from torch._inductor.virtualized import V
