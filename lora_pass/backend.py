@@ -103,10 +103,9 @@ def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None =
     or without that fix is reused. A graph without sites is compiled exactly as
     `backend="inductor"` compiles it."""
     patches = dict(patches or {})
-    if not rewritten:
-        if inner_compile is None:
-            return compat.compile_fx(gm, example_inputs, config_patches=patches or None)
-        return compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches or None)
+    if not rewritten:  # no inner_compile argument unless given: the call backend="inductor" makes
+        given = {} if inner_compile is None else {"inner_compile": inner_compile}
+        return compat.compile_fx(gm, example_inputs, config_patches=patches or None, **given)
     if patches.get("post_grad_custom_pre_pass") is None:
         patches["post_grad_custom_pre_pass"] = compat.PostGradPass.get()
     inner = compat.without_subgraph_donation(inner_compile or compat.compile_fx_inner())
@@ -119,7 +118,7 @@ def op_backend(patches: dict | None = None):
     with Inductor config `patches` (e.g. `lowrank_inductor_defaults`)."""
 
     def backend(gm, example_inputs):
-        return compile_rewritten(gm, example_inputs, dict(patches or {}))
+        return compile_rewritten(gm, example_inputs, patches)  # copies patches
 
     return backend
 
