@@ -89,6 +89,25 @@ def _view_base(node):
     return node
 
 
+def _register_baddbmm_fallback() -> None:
+    """Register ATen's `baddbmm_` as Inductor's fallback for it, as Inductor's implicit
+    fallback would (inputs made contiguous), before Inductor meets the op.
+
+    Inductor creates a fallback for an op without a lowering when it first lowers it, but where
+    the environment variable `CI` is set (any CI service sets it) that implicit fallback raises
+    for an op that has a decomposition ("make_fallback(aten.baddbmm_.default): a decomposition
+    exists"), a check meant for PyTorch's own lowerings. The in-place GEMM is the point of
+    `accumulate_carries_in_place`, so its decomposition (an out-of-place product and a copy) is
+    not wanted; registering the fallback explicitly, with the decomposition knowingly
+    overridden, gives the same lowering with or without `CI`.
+    """
+    from torch._inductor import lowering
+
+    op = torch.ops.aten.baddbmm_.default
+    if op not in lowering.lowerings:
+        lowering.make_fallback(op, layout_constraint=getattr(lowering, "require_contiguous", None), warn=False, override_decomp=True)
+
+
 def accumulate_carries_in_place(graph) -> int:
     """Post-grad pass: lower the graph's scans to while_loops now, with Inductor's own
     decomposition (`decompose_scan_to_while_loop`, which Inductor would run at the end of its
@@ -96,7 +115,8 @@ def accumulate_carries_in_place(graph) -> int:
     `carry.view(...).baddbmm_(A, B)`: one GEMM accumulating into the carried buffer (beta = 1, no
     product buffer), which is returned as the new carry (the loop's ys are carried and written in
     place the same way). Inductor has no lowering for `baddbmm_` and calls ATen's (the C++
-    wrapper through the C++ dispatcher).
+    wrapper through the C++ dispatcher): `_register_baddbmm_fallback` registers that fallback
+    up front.
 
     Without it a functional loop body holds three buffers of the state at once: the product (which
     becomes the new state), the old state (the loop's carry list references it until the body
@@ -158,6 +178,7 @@ def accumulate_carries_in_place(graph) -> int:
             init = carried[i]
             if not isinstance(init, fx.Node) or init.op == "placeholder" or len(init.users) != 1:
                 continue  # the initial state is not the loop's alone
+            _register_baddbmm_fallback()
             # placed last: after every read of the old state, and after the loop's own writes into
             # its ys (Inductor pairs a loop's mutated inputs with its outputs in the order it finds
             # the mutations, which must be index order)
