@@ -13,12 +13,15 @@ for d = 64, causal and non-causal, over a range of sequence lengths, and derives
 length (smallest L from which the low-rank path is faster) that `lora_pass.guard.CROSSOVER_D64_G2`
 is set from. Every (mode, causal, L) runs in a fresh subprocess with its own Inductor cache, so
 compile times are cold and peak memory is not polluted by other configurations (the guard is
-timed in the exact run's process).
+timed in the exact run's process). With `--rounds N` every configuration is timed N times, one
+round of all configurations after another, and its time is the median of all rounds' samples: on a
+shared machine a slow spell then lands on every row instead of on the one timed during it.
 
     python bench/attention.py                      # L = 1,024 .. 32,768, causal and non-causal
     python bench/attention.py --quick              # L in {256, 512}, one repeat: a smoke test
     python bench/attention.py --lengths 4096 8192 --causal true --repeats 3
     python bench/attention.py --threads 1 --clock cpu  # on a shared machine: CPU time, one thread
+    python bench/attention.py --threads 1 --clock cpu --rounds 3 --repeats 3  # ... spread over rounds
 
 Writes `attention.json` and `attention.md` to --out (default bench/results/<machine>/).
 """
@@ -28,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,11 +190,42 @@ def run_worker(spec: dict) -> dict:
 # --- driver -----------------------------------------------------------------------------------------
 
 
-def launch(spec: dict, timeout: float, warm_cache: bool) -> dict:
+def launch(spec: dict, timeout: float, warm_cache: bool, cache_dir=None) -> dict:
     """Run one configuration in a fresh interpreter; on failure return the error instead."""
     result = common.launch(Path(__file__), spec, timeout=timeout, warm_cache=warm_cache, show_progress=False,
-                           threads=spec["threads"])
+                           threads=spec["threads"], cache_dir=cache_dir)
     return {**_key(spec), **result} if "error" in result else result
+
+
+def _merge_timing(timings: list[dict]) -> dict:
+    """One timing from several rounds' (common.timed_samples): the median of all their samples."""
+    samples = [t for x in timings for t in x.get("samples_s") or []]
+    loads = [x["other_load"] for x in timings if x.get("other_load") is not None]
+    return {
+        **timings[0],
+        "time_s": statistics.median(samples) if samples else None,
+        "samples_s": samples,
+        "discarded_samples_s": [t for x in timings for t in x.get("discarded_samples_s") or []],
+        "round_medians_s": [x.get("time_s") for x in timings],
+        "other_load": max(loads) if loads else None,
+        "contended": any(x.get("contended") for x in timings),
+    }
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One configuration's runs from several rounds as one run.
+
+    Times (and the guard's) are the median of every round's samples, with each round's median
+    kept in `round_medians_s`; compile time, memory and the rest come from the first round (the
+    one that compiled with an empty cache); an error in any round is the run's error.
+    """
+    errors = [r for r in rounds if "error" in r]
+    if errors:
+        return {**errors[0], "rounds": len(rounds)}
+    run = {**_merge_timing(rounds), "rounds": len(rounds)}
+    if "guard" in rounds[0]:
+        run["guard"] = _merge_timing([r["guard"] for r in rounds])
+    return run
 
 
 def _key(spec):
@@ -335,6 +371,13 @@ def _settings_text(rows) -> str:
     return "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(x).items()) or "none" for x in sorted(seen))
 
 
+def _rounds_text(rounds: int) -> str:
+    if rounds <= 1:
+        return ""
+    return (f"; {rounds} rounds (every configuration once per round, in a fresh process; the median is "
+            "over all rounds' samples; compile time and memory from the first round, with an empty cache)")
+
+
 def write_markdown(path, report, rows):
     lines = [
         "# Attention benchmark: low-rank path against exact attention",
@@ -345,7 +388,7 @@ def write_markdown(path, report, rows):
         f"* torch {report['torch']}, Python {report['python']}",
         f"* B = {report['settings']['batch']}, H = {report['settings']['heads']}, d = {HEAD_DIM}, "
         f"degree {DEGREE}, {report['settings']['dtype']}, median of {report['settings']['repeats']} "
-        f"after {report['settings']['warmup']} warm-up call(s)",
+        f"after {report['settings']['warmup']} warm-up call(s)" + _rounds_text(report['settings']['rounds']),
         f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}; measured R in the table",
         *(["* interrupted: only the configurations listed were measured"] if report["interrupted"] else []),
         "",
@@ -406,12 +449,18 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="smoke test: L in {256, 512}, 1 repeat, no warm-up, reuses the Inductor cache")
     p.add_argument("--warm-cache", action="store_true", help="reuse the Inductor cache (compile times not cold)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration this many times, one round after another, each in a fresh "
+                        "process (later rounds reuse the first round's compiled code); the median is over all "
+                        "rounds' samples, so a slow spell of a shared machine is spread over the rows (default 1)")
     p.add_argument("--wait-idle", type=float, default=60,
                    help="before each configuration, wait up to this many seconds for other processes to go idle")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
     p.add_argument("--out", type=Path, default=None, help="default bench/results/<machine>/")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be an integer >= 1, got {args.rounds}")
     if args.lengths is None:
         args.lengths = QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS
     if args.repeats is None:
@@ -443,20 +492,34 @@ def main(argv=None):
          "qk_std": args.qk_std, "seed": args.seed, "threads": args.threads, "clock": args.clock}
         for causal in causals for length in lengths for mode in MODES
     ]
-    runs = []
-    bar = tqdm(specs, unit="config")
+    by_spec = [[] for _ in specs]  # each configuration's run in every round
+    bar = tqdm(total=len(specs) * args.rounds, unit="config")
     interrupted = False
+    # with several rounds each configuration keeps its own Inductor cache from round to round:
+    # cold in the first (its compile time), warm after
+    caches = tempfile.TemporaryDirectory(prefix="lora_pass_bench_rounds_") if args.rounds > 1 else None
     try:
-        for spec in bar:
-            bar.set_description(f"{spec['mode']:>7} causal={spec['causal']!s:<5} L={spec['length']}")
-            waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
-            run = {**launch(spec, args.timeout, args.warm_cache), "waited_for_idle_s": waited}
-            if "error" in run:
-                tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
-            runs.append(run)
+        for rnd in range(args.rounds):
+            for i, spec in enumerate(specs):
+                bar.set_description(f"round {rnd + 1}/{args.rounds} {spec['mode']:>7} "
+                                    f"causal={spec['causal']!s:<5} L={spec['length']}")
+                waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
+                cache_dir = None
+                if caches is not None and not args.warm_cache:
+                    cache_dir = Path(caches.name) / f"{spec['mode']}-{spec['causal']}-{spec['length']}"
+                    cache_dir.mkdir(exist_ok=True)
+                run = {**launch(spec, args.timeout, args.warm_cache, cache_dir), "waited_for_idle_s": waited}
+                if "error" in run:
+                    tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
+                by_spec[i].append(run)
+                bar.update()
     except KeyboardInterrupt:  # keep what was measured
         interrupted = True
+    finally:
         bar.close()
+        if caches is not None:
+            caches.cleanup()
+    runs = [merge_rounds(r) if len(r) > 1 else r[0] for r in by_spec if r]
 
     rows = summarise(runs, lengths, causals)
     cross = {"device": device, "head_dim": HEAD_DIM, "degree": DEGREE}

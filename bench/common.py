@@ -304,10 +304,12 @@ def worker_main(run_worker, spec_json: str) -> None:
 
 
 def launch(script: Path, spec: dict, *, timeout: float, warm_cache: bool, show_progress: bool = True,
-           threads: int | None = None) -> dict:
+           threads: int | None = None, cache_dir: str | os.PathLike | None = None) -> dict:
     """Run `script --worker SPEC` in a fresh interpreter; its result dict, or {"error": ...}.
 
-    Each worker gets an empty Inductor cache unless `warm_cache`, so compile times are cold.
+    Each worker gets an empty Inductor cache unless `warm_cache`, so compile times are cold;
+    `cache_dir` (not with `warm_cache`) gives it that directory as its Inductor cache instead of
+    a temporary one, so that a later worker for the same configuration finds what it compiled.
     The worker's stderr (its progress bar) goes to ours when `show_progress`. `threads` sets
     OMP_NUM_THREADS (torch's intra-op threads and Inductor's C++ kernels); the worker should
     also call `torch.set_num_threads`.
@@ -318,6 +320,7 @@ def launch(script: Path, spec: dict, *, timeout: float, warm_cache: bool, show_p
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="lora_pass_bench_") as cache:
+        cache = str(cache_dir) if cache_dir is not None else cache
         if not warm_cache:
             env["TORCHINDUCTOR_CACHE_DIR"] = cache
             env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")

@@ -85,3 +85,35 @@ def test_attention_smallest(tmp_path):
     text = json.dumps(report)
     for key in ("crossover", "exact", "lowrank"):
         assert key in text, key
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_attention_rounds_are_merged_into_one_median():
+    """bench/attention.py --rounds: a configuration's time is the median of every round's samples
+    (the guard's too), compile time and memory stay the first round's, an error in any round is
+    the configuration's."""
+    attention = _bench_module("attention")
+    first = {"mode": "exact", "causal": True, "length": 1024, "compile_s": 9.0, "peak_mem_mb": 2.0,
+             "time_s": 2.0, "samples_s": [1.0, 2.0, 3.0], "discarded_samples_s": [], "other_load": 0.1,
+             "contended": False, "guard": {"time_s": 0.2, "samples_s": [0.2], "other_load": None}}
+    second = {**first, "compile_s": 1.0, "peak_mem_mb": 2.5, "time_s": 10.0, "samples_s": [9.0, 10.0, 11.0],
+              "other_load": 0.5, "guard": {"time_s": 0.4, "samples_s": [0.4, 0.6], "other_load": 0.2}}
+    run = attention.merge_rounds([first, second])
+    assert run["time_s"] == 6.0 and run["samples_s"] == [1.0, 2.0, 3.0, 9.0, 10.0, 11.0]
+    assert run["round_medians_s"] == [2.0, 10.0] and run["rounds"] == 2
+    assert run["compile_s"] == 9.0 and run["peak_mem_mb"] == 2.0 and run["other_load"] == 0.5
+    assert run["guard"]["time_s"] == 0.4 and run["guard"]["round_medians_s"] == [0.2, 0.4]
+    failed = attention.merge_rounds([first, {"mode": "exact", "causal": True, "length": 1024, "error": "boom"}])
+    assert failed["error"] == "boom"
+    with pytest.raises(SystemExit):
+        attention.parse_args(["--rounds", "0"])
