@@ -97,17 +97,16 @@ def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None =
     op) has its higher-order ops' subgraphs lowered without donated inputs
     (`compat.subgraphs_without_donation`: the op's backward is a cond around while_loops, and
     Inductor 2.13 may otherwise overwrite a loop-invariant input in place), and the backend's
-    post-grad pass (`compat.PostGradPass`, unless `patches` set their own
-    `post_grad_custom_pre_pass`): loop states accumulated in place, and Inductor's FX-graph cache
-    keyed on this package's sources, so that no cached code compiled by another version of the op
-    or without that fix is reused. A graph without sites is compiled exactly as
-    `backend="inductor"` compiles it."""
+    post-grad pass (`compat.PostGradPass`): loop states accumulated in place, and Inductor's
+    FX-graph cache keyed on this package's sources, so that no cached code compiled by another
+    version of the op or without that fix is reused. A `post_grad_custom_pre_pass` in `patches`
+    runs first, then the backend's (`compat.with_post_grad_pass`). A graph without sites is
+    compiled exactly as `backend="inductor"` compiles it."""
     patches = dict(patches or {})
     if not rewritten:  # no inner_compile argument unless given: the call backend="inductor" makes
         given = {} if inner_compile is None else {"inner_compile": inner_compile}
         return compat.compile_fx(gm, example_inputs, config_patches=patches or None, **given)
-    if patches.get("post_grad_custom_pre_pass") is None:
-        patches["post_grad_custom_pre_pass"] = compat.PostGradPass.get()
+    patches["post_grad_custom_pre_pass"] = compat.with_post_grad_pass(patches.get("post_grad_custom_pre_pass"))
     inner = compat.without_subgraph_donation(inner_compile or compat.compile_fx_inner())
     return compat.compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
 

@@ -89,6 +89,26 @@ def _view_base(node):
     return node
 
 
+def with_post_grad_pass(user_pass):
+    """The value of Inductor's `post_grad_custom_pre_pass` for a rewritten graph: the backend's
+    pass (`PostGradPass`) after the one the user set through `options["inductor"]`, if any.
+
+    Inductor takes a tuple of passes and runs them in order (`get_custom_graph_passes`); the
+    user's pass sees the graph as it would without the backend (scans not yet lowered), and the
+    FX-graph cache is keyed on both passes (a user pass without a uuid bypasses it, as it would
+    alone). An Inductor without pass tuples takes one pass: there the user's replaces the
+    backend's, as before (no in-place loop states, no cache key of the package's sources).
+    """
+    ours = PostGradPass.get()
+    if user_pass is None:
+        return ours
+    try:
+        from torch._inductor.custom_graph_pass import get_custom_graph_passes
+    except ImportError:  # pragma: no cover - an Inductor that takes one pass only
+        return user_pass
+    return (*get_custom_graph_passes(user_pass), ours)
+
+
 def _register_baddbmm_fallback() -> None:
     """Register ATen's `baddbmm_` as Inductor's fallback for it, as Inductor's implicit
     fallback would (inputs made contiguous), before Inductor meets the op.

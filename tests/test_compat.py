@@ -123,3 +123,37 @@ def test_carried_state_is_accumulated_in_place_only_when_its_buffer_is_the_loops
     assert ("baddbmm_" in code) is not return_state
     for g, want in zip(got, f(xs, b)):
         torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_user_post_grad_pass_runs_before_the_backends():
+    """A `post_grad_custom_pre_pass` given through the Inductor options runs (on the graph as
+    Inductor gives it, scans not yet lowered), and the backend's pass still runs after it (the
+    state accumulated in place); the FX-graph cache key includes both passes' uuids."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch._inductor.utils import run_and_get_code
+
+    seen = []
+
+    class UserPass(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(sum(n.target is torch.ops.higher_order.scan for n in graph.nodes))
+
+        def uuid(self):
+            return "user-pass"
+
+    user = UserPass()
+    combined = compat.with_post_grad_pass(user)
+    assert combined == (user, compat.PostGradPass.get()) and compat.with_post_grad_pass(None) is combined[1]
+    gen = torch.Generator().manual_seed(4)
+    xs = torch.randn(5, 1, 2, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
+    f = _state_loop(False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(f, backend=op_backend({"post_grad_custom_pre_pass": user}), fullgraph=True)
+        got, (code,) = run_and_get_code(compiled, xs, b)
+    # the user's pass ran on the graph before its scan was lowered (and on the scan's body, a
+    # subgraph Inductor runs the post-grad passes on as well)
+    assert sorted(seen) == [0, 1]
+    assert "baddbmm_" in code  # and the backend's after it
+    torch.testing.assert_close(got[0], f(xs, b)[0], rtol=1e-12, atol=1e-12)
