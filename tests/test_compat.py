@@ -99,6 +99,25 @@ def _state_loop(return_state):
     return f
 
 
+def _compiled_state_loop(return_state, seed, patches=None) -> str:
+    """Compile `_state_loop` as the backend compiles a rewritten graph, check its results against
+    eager on fresh float64 inputs, and return the generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(5, 1, 2, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
+    f = _state_loop(return_state)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got, (code,) = run_and_get_code(torch.compile(f, backend=op_backend(patches), fullgraph=True), xs, b)
+    want = f(xs, b)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    return code
+
+
 @pytest.mark.parametrize("return_state", [False, True], ids=["state-unused", "state-returned"])
 def test_carried_state_is_accumulated_in_place_only_when_its_buffer_is_the_loops(return_state, monkeypatch):
     """compat.accumulate_carries_in_place: the state becomes an in-place baddbmm_ on the carried
@@ -107,22 +126,13 @@ def test_carried_state_is_accumulated_in_place_only_when_its_buffer_is_the_loops
     lowering registered for baddbmm_ yet: there Inductor's implicit fallback raises for an op
     with a decomposition, so the pass must register the fallback itself."""
     from torch._inductor import lowering
-    from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("CI", "true")
     monkeypatch.delitem(lowering.lowerings, torch.ops.aten.baddbmm_.default, raising=False)
 
-    gen = torch.Generator().manual_seed(3)
-    xs = torch.randn(5, 1, 2, 4, generator=gen, dtype=torch.float64)
-    b = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
-    f = _state_loop(return_state)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        got, (code,) = run_and_get_code(torch.compile(f, backend=op_backend(), fullgraph=True), xs, b)
+    code = _compiled_state_loop(return_state, seed=3)
     assert "while_loop_body" in code
     assert ("baddbmm_" in code) is not return_state
-    for g, want in zip(got, f(xs, b)):
-        torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
 
 
 def test_a_user_post_grad_pass_runs_before_the_backends():
@@ -130,7 +140,6 @@ def test_a_user_post_grad_pass_runs_before_the_backends():
     Inductor gives it, scans not yet lowered), and the backend's pass still runs after it (the
     state accumulated in place); the FX-graph cache key includes both passes' uuids."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
-    from torch._inductor.utils import run_and_get_code
 
     seen = []
 
@@ -144,16 +153,8 @@ def test_a_user_post_grad_pass_runs_before_the_backends():
     user = UserPass()
     combined = compat.with_post_grad_pass(user)
     assert combined == (user, compat.PostGradPass.get()) and compat.with_post_grad_pass(None) is combined[1]
-    gen = torch.Generator().manual_seed(4)
-    xs = torch.randn(5, 1, 2, 4, generator=gen, dtype=torch.float64)
-    b = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
-    f = _state_loop(False)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled = torch.compile(f, backend=op_backend({"post_grad_custom_pre_pass": user}), fullgraph=True)
-        got, (code,) = run_and_get_code(compiled, xs, b)
+    code = _compiled_state_loop(False, seed=4, patches={"post_grad_custom_pre_pass": user})
     # the user's pass ran on the graph before its scan was lowered (and on the scan's body, a
     # subgraph Inductor runs the post-grad passes on as well)
     assert sorted(seen) == [0, 1]
     assert "baddbmm_" in code  # and the backend's after it
-    torch.testing.assert_close(got[0], f(xs, b)[0], rtol=1e-12, atol=1e-12)
