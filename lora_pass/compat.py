@@ -125,7 +125,8 @@ def _register_baddbmm_fallback() -> None:
 
     op = torch.ops.aten.baddbmm_.default
     if op not in lowering.lowerings:
-        lowering.make_fallback(op, layout_constraint=getattr(lowering, "require_contiguous", None), warn=False, override_decomp=True)
+        constraint = getattr(lowering, "require_contiguous", None)
+        lowering.make_fallback(op, layout_constraint=constraint, warn=False, override_decomp=True)
 
 
 def accumulate_carries_in_place(graph) -> int:
