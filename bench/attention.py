@@ -16,14 +16,21 @@ compile times are cold and peak memory is not polluted by other configurations (
 timed in the exact run's process). With `--rounds N` every configuration is timed N times, one
 round of all configurations after another, and its time is the median of all rounds' samples: on a
 shared machine a slow spell then lands on every row instead of on the one timed during it.
+With `--interleave N` (or `--growth-only`: that alone, N = 9 by default) one process per
+causality then compiles the low-rank op for every length and times them in N interleaved rounds
+(each length once per round, ascending, then descending); the growth per doubling is the median
+over rounds of t(2L) / t(L) measured in the same round, a ratio from which the machine's drift
+between configurations cancels.
 
     python bench/attention.py                      # L = 1,024 .. 32,768, causal and non-causal
     python bench/attention.py --quick              # L in {256, 512}, one repeat: a smoke test
     python bench/attention.py --lengths 4096 8192 --causal true --repeats 3
     python bench/attention.py --threads 1 --clock cpu  # on a shared machine: CPU time, one thread
     python bench/attention.py --threads 1 --clock cpu --rounds 3 --repeats 3  # ... spread over rounds
+    python bench/attention.py --threads 1 --clock cpu --growth-only --interleave 15  # growth per doubling
 
-Writes `attention.json` and `attention.md` to --out (default bench/results/<machine>/).
+Writes `attention.json` and `attention.md` (with --growth-only `attention_growth.json` and
+`attention_growth.md`) to --out (default bench/results/<machine>/).
 """
 
 from __future__ import annotations
@@ -96,15 +103,78 @@ def _compile_and_time(step, spec, sync, min_sample_s) -> dict:
                                                             min_sample_s=min_sample_s)}
 
 
-def run_worker(spec: dict) -> dict:
-    """One (mode, causal, L): compile, time and measure; the exact worker also times the guard."""
+def _inputs(spec: dict, length: int, device, dtype):
+    """q, k, v (requiring grad) and dO of [B, H, length, 64], with small q, k so that the guard
+    passes: R = scale * max||q|| * max||k - mu|| ~ 0.15."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec["seed"])
+    shape = (spec["batch"], spec["heads"], length, HEAD_DIM)
+
+    def make(std):
+        return (std * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+
+    q, k, v, dout = make(spec["qk_std"]), make(spec["qk_std"]), make(1.0), make(1.0)
+    for t in (q, k, v):
+        t.requires_grad_()
+    return q, k, v, dout
+
+
+def _compiled(mode: str, causal: bool, device, dynamic=None):
+    """(compiled attention, telemetry buffer or None, Inductor settings) for `mode`.
+
+    The low-rank op is compiled as the backend compiles a rewritten graph (lora_pass.op_backend:
+    the Inductor settings it adds on CPU, its post-grad pass, subgraphs without donated inputs);
+    exact attention is plain SDPA under backend="inductor".
+    """
     import torch
     import torch.nn.functional as F
 
     from lora_pass.backend import lowrank_inductor_defaults, op_backend
-    from lora_pass.guard import norm_bound, r_max
-    from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
+    from lora_pass.guard import r_max
+    from lora_pass.ops.attention import AttentionConfig, guarded_attention, new_stats
 
+    scale = HEAD_DIM**-0.5
+    if mode == "exact":
+        def model(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
+
+        return torch.compile(model, backend="inductor", fullgraph=True, dynamic=dynamic), None, {}
+    cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE))
+    stats = new_stats(device)
+
+    # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the same route as
+    # the op the backend inserts into a Dynamo graph.
+    @torch.compiler.allow_in_graph
+    def guarded(a, b, c, s):
+        return guarded_attention(a, b, c, cfg, s)
+
+    def model(a, b, c):
+        return guarded(a, b, c, stats)
+
+    settings = lowrank_inductor_defaults(device.type)
+    return torch.compile(model, backend=op_backend(settings), fullgraph=True, dynamic=dynamic), stats, settings
+
+
+def _path_counts(stats) -> dict:
+    """The op's forward and backward path counts; raises unless every call took the low-rank path."""
+    from lora_pass.ops.attention import STATS_FIELDS
+
+    counts = {name: int(n) for name, n in zip(STATS_FIELDS, stats.tolist()) if name.startswith(("forward", "backward"))}
+    if counts["forward_exact"] or counts["backward_exact"] or not counts["forward_lowrank"]:
+        raise RuntimeError(f"the guard did not pass on every call (R above R_max): {counts}")
+    return counts
+
+
+def run_worker(spec: dict) -> dict:
+    """One (mode, causal, L): compile, time and measure; the exact worker also times the guard.
+    A spec with "lengths" is an interleaved growth run instead (run_growth_worker)."""
+    import torch
+
+    from lora_pass.guard import norm_bound, r_max
+
+    if "lengths" in spec:
+        return run_growth_worker(spec)
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -117,46 +187,10 @@ def run_worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    # small logits so that the guard passes: R = scale * max||q|| * max||k - mu|| ~ 0.15
-    gen = torch.Generator().manual_seed(spec["seed"])
-    shape = (spec["batch"], spec["heads"], length, HEAD_DIM)
-
-    def make(std):
-        return (std * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
-
-    q, k, v, dout = make(spec["qk_std"]), make(spec["qk_std"]), make(1.0), make(1.0)
-    for t in (q, k, v):
-        t.requires_grad_()
+    q, k, v, dout = _inputs(spec, length, device, dtype)
     sync()
     base_rss = _rss_mb("VmRSS")
-
-    if mode == "exact":
-        def attention(a, b, c):
-            return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
-    else:
-        cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE))
-        stats = new_stats(device)
-
-        # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the same route as
-        # the op the backend inserts into a Dynamo graph.
-        @torch.compiler.allow_in_graph
-        def guarded(a, b, c, s):
-            return guarded_attention(a, b, c, cfg, s)
-
-        def attention(a, b, c):
-            return guarded(a, b, c, stats)
-
-    def model(a, b, c):
-        return attention(a, b, c)
-
-    # the low-rank op compiled as the backend compiles a rewritten graph (lora_pass.op_backend: the
-    # Inductor settings it adds on CPU, its post-grad pass, subgraphs without donated inputs);
-    # exact attention is plain SDPA under backend="inductor"
-    settings = lowrank_inductor_defaults(device.type) if mode == "lowrank" else {}
-    if mode == "lowrank":
-        fn = torch.compile(model, backend=op_backend(settings), fullgraph=True)
-    else:
-        fn = torch.compile(model, backend="inductor", fullgraph=True)
+    fn, stats, settings = _compiled(mode, causal, device)
 
     def step():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
@@ -171,11 +205,7 @@ def run_worker(spec: dict) -> dict:
         result["peak_mem_mb"], result["mem_method"] = common.allocated_peak_mb(step), "CPU allocator peak (profiler)"
         result["peak_rss_mb"], result["rss_method"] = _peak_step_memory(step, sync, cuda, device, base_rss)
     if mode == "lowrank":  # every call must have taken the low-rank path (the guard passed)
-        counts = {name: int(n) for name, n in zip(STATS_FIELDS, stats.tolist())
-                  if name.startswith(("forward", "backward"))}
-        if counts["forward_exact"] or counts["backward_exact"] or not counts["forward_lowrank"]:
-            raise RuntimeError(f"the guard did not pass on every call (R above R_max): {counts}")
-        result["path_counts"] = counts
+        result["path_counts"] = _path_counts(stats)
 
     if mode == "exact":  # the guard, as the op computes it once per forward
         guard = torch.compile(lambda a, b: norm_bound(a, b, scale=scale), backend="inductor", fullgraph=True)
@@ -185,6 +215,65 @@ def run_worker(spec: dict) -> dict:
         result["bound"] = float(guard(qd, kd))
         result["r_max"] = r_max(DEGREE, TOLERANCE)
     return result
+
+
+def run_growth_worker(spec: dict) -> dict:
+    """The low-rank op at every length of `spec["lengths"]` in one process, timed in interleaved
+    rounds: each round times every length once (ascending in even rounds, descending in odd ones),
+    so that a slow spell of a shared machine lands on neighbouring lengths alike and cancels in
+    their ratio (paired_growth)."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    lengths = sorted(spec["lengths"])
+    # one static graph per length (dynamic shapes would compile the exact path only)
+    fn, stats, settings = _compiled("lowrank", spec["causal"], device, dynamic=False)
+    steps = {}
+    with torch._dynamo.config.patch(recompile_limit=len(lengths) + 1):
+        for length in lengths:
+            q, k, v, dout = _inputs(spec, length, device, dtype)
+
+            def step(q=q, k=k, v=v, dout=dout):
+                return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+            step()  # compiles this length's forward and backward
+            sync()
+            steps[length] = step
+        rounds = []
+        for rnd in range(spec["rounds"]):
+            times = {}
+            for length in (lengths if rnd % 2 == 0 else lengths[::-1]):
+                steps[length]()  # warm-up: this length's buffers and code back in the caches
+                sync()
+                timed = common.timed_samples(steps[length], 1, sync, clock=spec["clock"], min_sample_s=MIN_SAMPLE_S)
+                times[str(length)] = timed["time_s"]
+            rounds.append(times)
+    return {"causal": spec["causal"], "lengths": lengths, "rounds": rounds, "path_counts": _path_counts(stats),
+            "threads": torch.get_num_threads(), "inductor_settings": settings, **paired_growth(rounds)}
+
+
+def paired_growth(rounds: list[dict]) -> dict:
+    """Per doubling L -> 2L: the median over rounds of t(2L) / t(L) measured in the same round
+    (`growth`), every round's ratio (`growth_ratios`), and each length's median time (`time_s`).
+    `rounds` is a list of {str(L): seconds}."""
+    lengths = sorted({int(x) for r in rounds for x in r})
+    growth, ratios = {}, {}
+    for l0 in lengths:
+        key0, key1 = str(l0), str(2 * l0)
+        pairs = [r[key1] / r[key0] for r in rounds if r.get(key0) and r.get(key1)]
+        if pairs:
+            growth[key1], ratios[key1] = statistics.median(pairs), pairs
+    times = {str(n): statistics.median([r[str(n)] for r in rounds if r.get(str(n))]) for n in lengths}
+    return {"growth": growth, "growth_ratios": ratios, "time_s": times}
 
 
 # --- driver -----------------------------------------------------------------------------------------
@@ -291,7 +380,9 @@ def crossover(rows: list[dict], causal: bool) -> dict:
     return {"length": length, "interpolated": round(interp), "note": ""}
 
 
-def check_goals(rows: list[dict], cross: dict) -> dict:
+def check_goals(rows: list[dict], cross: dict, interleaved: dict | None = None) -> dict:
+    """Each goal of GOALS: True, False, or None where not measured. With `interleaved` (the
+    --interleave runs by causality), the growth goal is also checked on their paired ratios."""
     g = GOALS
     out = {}
     limit = g["crossover_causal_at_most"]
@@ -311,6 +402,11 @@ def check_goals(rows: list[dict], cross: dict) -> dict:
         out[f"lowrank time grows <= {g['growth_per_doubling_at_most']}x per doubling ({name})"] = (
             max(growth) <= g["growth_per_doubling_at_most"] if growth else None
         )
+        paired = ((interleaved or {}).get("causal" if causal else "non_causal") or {}).get("growth")
+        if paired:
+            out[f"lowrank time grows <= {g['growth_per_doubling_at_most']}x per doubling, interleaved ({name})"] = (
+                max(paired.values()) <= g["growth_per_doubling_at_most"]
+            )
     big = [r for r in rows if r["length"] >= g["memory_not_above_exact_from"]
            and r["lowrank_peak_mb"] is not None and r["exact_peak_mb"] is not None]
     out[f"lowrank peak memory <= exact from L >= {g['memory_not_above_exact_from']}"] = (
@@ -365,9 +461,9 @@ def render_table(rows, fmt):
     return tabulate(body, headers=list(HEADERS.values()), tablefmt=fmt, disable_numparse=True)
 
 
-def _settings_text(rows) -> str:
+def _settings_text(rows, key) -> str:
     """The Inductor settings of the low-rank runs (lora_pass.backend.lowrank_inductor_defaults)."""
-    seen = {json.dumps(r.get("lowrank_inductor_settings") or {}, sort_keys=True) for r in rows}
+    seen = {json.dumps(r.get(key) or {}, sort_keys=True) for r in rows}
     return "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(x).items()) or "none" for x in sorted(seen))
 
 
@@ -387,43 +483,69 @@ def write_markdown(path, report, rows):
         f"* device: {report['device_name']} ({report['device']}, {report['threads']} thread(s) per run)",
         f"* torch {report['torch']}, Python {report['python']}",
         f"* B = {report['settings']['batch']}, H = {report['settings']['heads']}, d = {HEAD_DIM}, "
-        f"degree {DEGREE}, {report['settings']['dtype']}, median of {report['settings']['repeats']} "
-        f"after {report['settings']['warmup']} warm-up call(s)" + _rounds_text(report['settings']['rounds']),
-        f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}; measured R in the table",
+        f"degree {DEGREE}, {report['settings']['dtype']}" + (
+            f", median of {report['settings']['repeats']} after {report['settings']['warmup']} warm-up call(s)"
+            + _rounds_text(report['settings']['rounds']) if rows else ""),
+        f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}"
+        + ("; measured R in the table" if rows else ""),
         *(["* interrupted: only the configurations listed were measured"] if report["interrupted"] else []),
         "",
-        f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
-        "are forward + backward (guard: forward only, it runs once per forward). Exact is",
-        "`scaled_dot_product_attention` compiled by Inductor; lowrank is the guarded op as the backend inserts it",
-        "(guard and `cond` included), every call of which took the low-rank path (its telemetry is checked),",
-        "compiled with the Inductor settings the backend adds where a low-rank path compiles "
-        f"({_settings_text(rows)}).",
-        "Peak memory is the tensor memory one compiled step allocates above what is live before it",
-        "(inputs, compiled code): `torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's running",
-        "total as the profiler records it on CPU. RSS is the growth of resident memory over the step on",
-        "CPU (tensors plus the allocator's and pages' slack). Compile time is the first",
-        f"forward + backward call with {'a warm' if report['settings']['warm_cache'] else 'an empty'} Inductor cache "
-        "(wall clock). `other load` is the number of cores other processes kept busy while a row was timed.",
-        *(["With the wall clock a sample during which they used more than 0.25 cores is discarded and",
-           "taken again; rows marked * had no clean sample."] if report["settings"]["clock"] == "wall" else
-          ["CPU time of a one-thread process does not count the time slices other processes get."]),
-        "",
-        render_table(rows, "github"),
-        "",
-        "## Crossover (smallest L from which lowrank is faster)",
-        "",
     ]
-    for name, c in report["crossover"].items():
-        if isinstance(c, dict):
-            extra = f", interpolated {c['interpolated']}" if c.get("interpolated") else ""
-            note = f" ({c['note']})" if c.get("note") else ""
-            lines.append(f"* {name}: {c['length']}{extra}{note}")
-    lines += ["", "## Low-rank time per doubling of L", ""]
-    for name, g in report["growth_per_doubling"].items():
-        lines.append(f"* {name}: " + ", ".join(f"{k}: {v:.2f}x" for k, v in g.items()))
+    if not rows:  # --growth-only
+        lines.append(
+            f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
+            "are forward + backward of the guarded op as the backend inserts it, every call of which took the "
+            "low-rank path (its telemetry is checked), compiled with the Inductor settings the backend adds "
+            f"({_settings_text(list((report.get('interleaved_growth') or {}).values()), 'inductor_settings')}).")
+    else:
+        lines += [
+            f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
+            "are forward + backward (guard: forward only, it runs once per forward). Exact is",
+            "`scaled_dot_product_attention` compiled by Inductor; lowrank is the guarded op as the backend inserts it",
+            "(guard and `cond` included), every call of which took the low-rank path (its telemetry is checked),",
+            "compiled with the Inductor settings the backend adds where a low-rank path compiles "
+            f"({_settings_text(rows, 'lowrank_inductor_settings')}).",
+            "Peak memory is the tensor memory one compiled step allocates above what is live before it",
+            "(inputs, compiled code): `torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's running",
+            "total as the profiler records it on CPU. RSS is the growth of resident memory over the step on",
+            "CPU (tensors plus the allocator's and pages' slack). Compile time is the first",
+            f"forward + backward call with {'a warm' if report['settings']['warm_cache'] else 'an empty'} "
+            "Inductor cache "
+            "(wall clock). `other load` is the number of cores other processes kept busy while a row was timed.",
+            *(["With the wall clock a sample during which they used more than 0.25 cores is discarded and",
+               "taken again; rows marked * had no clean sample."] if report["settings"]["clock"] == "wall" else
+              ["CPU time of a one-thread process does not count the time slices other processes get."]),
+        ]
+    if rows:  # not with --growth-only
+        lines += ["", render_table(rows, "github"), "", "## Crossover (smallest L from which lowrank is faster)", ""]
+        for name, c in report["crossover"].items():
+            if isinstance(c, dict):
+                extra = f", interpolated {c['interpolated']}" if c.get("interpolated") else ""
+                note = f" ({c['note']})" if c.get("note") else ""
+                lines.append(f"* {name}: {c['length']}{extra}{note}")
+        lines += ["", "## Low-rank time per doubling of L", ""]
+        for name, g in report["growth_per_doubling"].items():
+            lines.append(f"* {name}: " + ", ".join(f"{k}: {v:.2f}x" for k, v in g.items()))
+    interleaved = report.get("interleaved_growth") or {}
+    if interleaved:
+        heading = f"## Low-rank time per doubling of L, interleaved ({report['settings']['interleave']} rounds)"
+        lines += ["", heading, "",
+                  "One process per causality times the low-rank op at every length once per round (ascending,",
+                  "then descending); each doubling's growth is the median over rounds of t(2L) / t(L) of the",
+                  "same round, [lowest, highest] of those ratios in brackets, so that the machine's slow spells",
+                  "cancel in the ratio.", ""]
+        for name, run in interleaved.items():
+            if "error" in run:
+                lines.append(f"* {name}: failed: {run['error']}")
+                continue
+            lines.append(f"* {name}: " + ", ".join(
+                f"{k}: {v:.2f}x [{min(run['growth_ratios'][k]):.2f}, {max(run['growth_ratios'][k]):.2f}]"
+                for k, v in run["growth"].items()))
+            lines.append("  (median ms: " + ", ".join(f"{k}: {1000 * t:.1f}" for k, t in run["time_s"].items()) + ")")
     lines += ["", "## Goals", ""]
     for name, ok in report["goals"].items():
-        lines.append(f"* {'yes' if ok else 'no' if ok is not None else 'not measured'}: {name}")
+        if rows or ok is not None:  # --growth-only: the growth goals alone
+            lines.append(f"* {'yes' if ok else 'no' if ok is not None else 'not measured'}: {name}")
     errors = [(r["causal"], r["length"], e) for r in rows for e in r["errors"].items()]
     if errors:
         lines += ["", "## Errors", ""]
@@ -453,6 +575,13 @@ def parse_args(argv=None):
                    help="time every configuration this many times, one round after another, each in a fresh "
                         "process (later rounds reuse the first round's compiled code); the median is over all "
                         "rounds' samples, so a slow spell of a shared machine is spread over the rows (default 1)")
+    p.add_argument("--interleave", type=int, default=0,
+                   help="then time the low-rank op at every length in one process per causality, this many "
+                        "interleaved rounds, and report the growth per doubling as the median of the ratios "
+                        "measured in the same round (default 0: not run)")
+    p.add_argument("--growth-only", action="store_true",
+                   help="only the interleaved growth runs (--interleave rounds, default 9), written to "
+                        "attention_growth.json and .md")
     p.add_argument("--wait-idle", type=float, default=60,
                    help="before each configuration, wait up to this many seconds for other processes to go idle")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
@@ -461,6 +590,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be an integer >= 1, got {args.rounds}")
+    if args.interleave < 0:
+        p.error(f"--interleave must be an integer >= 0, got {args.interleave}")
+    if args.growth_only and args.interleave == 0:
+        args.interleave = 9
+    if args.interleave and len(sorted(set(args.lengths or DEFAULT_LENGTHS))) < 2:
+        p.error("--interleave and --growth-only need at least two --lengths")
     if args.lengths is None:
         args.lengths = QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS
     if args.repeats is None:
@@ -493,26 +628,36 @@ def main(argv=None):
         for causal in causals for length in lengths for mode in MODES
     ]
     by_spec = [[] for _ in specs]  # each configuration's run in every round
-    bar = tqdm(total=len(specs) * args.rounds, unit="config")
+    interleaved = {}  # --interleave: the growth run of each causality
+    todo = [] if args.growth_only else [(rnd, i, spec) for rnd in range(args.rounds) for i, spec in enumerate(specs)]
+    bar = tqdm(total=len(todo), unit="config")
     interrupted = False
     # with several rounds each configuration keeps its own Inductor cache from round to round:
     # cold in the first (its compile time), warm after
     caches = tempfile.TemporaryDirectory(prefix="lora_pass_bench_rounds_") if args.rounds > 1 else None
     try:
-        for rnd in range(args.rounds):
-            for i, spec in enumerate(specs):
-                bar.set_description(f"round {rnd + 1}/{args.rounds} {spec['mode']:>7} "
-                                    f"causal={spec['causal']!s:<5} L={spec['length']}")
-                waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
-                cache_dir = None
-                if caches is not None and not args.warm_cache:
-                    cache_dir = Path(caches.name) / f"{spec['mode']}-{spec['causal']}-{spec['length']}"
-                    cache_dir.mkdir(exist_ok=True)
-                run = {**launch(spec, args.timeout, args.warm_cache, cache_dir), "waited_for_idle_s": waited}
-                if "error" in run:
-                    tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
-                by_spec[i].append(run)
-                bar.update()
+        for rnd, i, spec in todo:
+            bar.set_description(f"round {rnd + 1}/{args.rounds} {spec['mode']:>7} "
+                                f"causal={spec['causal']!s:<5} L={spec['length']}")
+            waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
+            cache_dir = None
+            if caches is not None and not args.warm_cache:
+                cache_dir = Path(caches.name) / f"{spec['mode']}-{spec['causal']}-{spec['length']}"
+                cache_dir.mkdir(exist_ok=True)
+            run = {**launch(spec, args.timeout, args.warm_cache, cache_dir), "waited_for_idle_s": waited}
+            if "error" in run:
+                tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
+            by_spec[i].append(run)
+            bar.update()
+        for causal in causals if args.interleave else ():
+            bar.set_description(f"interleaved growth causal={causal!s:<5}")
+            spec = {**specs[0], "mode": "lowrank", "causal": causal, "lengths": lengths, "rounds": args.interleave}
+            del spec["length"]
+            run = common.launch(Path(__file__), spec, timeout=args.timeout, warm_cache=args.warm_cache,
+                                show_progress=False, threads=args.threads)
+            if "error" in run:
+                tqdm.write(f"failed: interleaved growth causal={causal}: {run['error']}")
+            interleaved["causal" if causal else "non_causal"] = run
     except KeyboardInterrupt:  # keep what was measured
         interrupted = True
     finally:
@@ -521,33 +666,40 @@ def main(argv=None):
             caches.cleanup()
     runs = [merge_rounds(r) if len(r) > 1 else r[0] for r in by_spec if r]
 
-    rows = summarise(runs, lengths, causals)
+    rows = [] if args.growth_only else summarise(runs, lengths, causals)
     cross = {"device": device, "head_dim": HEAD_DIM, "degree": DEGREE}
     for causal in causals:
         cross["causal" if causal else "non_causal"] = crossover(rows, causal)
     report = {
         **common.environment(device),
-        "threads": next((r["threads"] for r in runs if "threads" in r), None),
+        "threads": next((r["threads"] for r in [*runs, *interleaved.values()] if "threads" in r), None),
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "interrupted": interrupted,
         "r_max": r_max(DEGREE, TOLERANCE),
         "crossover": cross,
         "growth_per_doubling": growth_table(rows),
+        "interleaved_growth": interleaved,
         "rows": rows,
         "runs": runs,
     }
-    report["goals"] = check_goals(rows, cross)
+    report["goals"] = check_goals(rows, cross, interleaved)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_markdown(out_dir / "attention.md", report, rows)
+    stem = "attention_growth" if args.growth_only else "attention"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_markdown(out_dir / f"{stem}.md", report, rows)
 
-    print(render_table(rows, "simple"))
+    if rows:
+        print(render_table(rows, "simple"))
+    for name, run in interleaved.items():
+        print(f"interleaved growth {name}: " + (run.get("error") or
+              ", ".join(f"{k}: {v:.2f}x" for k, v in run["growth"].items())))
     for name in ("causal", "non_causal"):
         if name in cross:
             print(f"crossover {name}: {cross[name]}")
     for name, ok in report["goals"].items():
-        print(f"{'yes' if ok else 'no' if ok is not None else 'n/a':>4}  {name}")
-    print(f"wrote {out_dir / 'attention.json'} and {out_dir / 'attention.md'}")
+        if rows or ok is not None:
+            print(f"{'yes' if ok else 'no' if ok is not None else 'n/a':>4}  {name}")
+    print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
 
 
 if __name__ == "__main__":

@@ -24,19 +24,19 @@ pytest.importorskip("peft")
 pytest.importorskip("tokenizers")
 
 
-def run(script: str, *args: str, out: Path, timeout: float = 300) -> dict:
+def run(script: str, *args: str, out: Path, timeout: float = 300, stem: str | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, str(BENCH / script), *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    stem = Path(script).stem
+    stem = stem or Path(script).stem
     assert (out / f"{stem}.md").is_file()
     report = json.loads((out / f"{stem}.json").read_text())
     for key in ("command", "date", "torch", "device", "device_name"):
         assert report[key], key
-    assert stem in report["command"]
+    assert Path(script).stem in report["command"]
     return report
 
 
@@ -87,6 +87,20 @@ def test_attention_smallest(tmp_path):
         assert key in text, key
 
 
+def test_attention_interleaved_growth_smallest(tmp_path):
+    """--growth-only: one process times the low-rank op at both lengths in interleaved rounds."""
+    report = run("attention.py", "--quick", "--growth-only", "--lengths", "64", "128", "--interleave", "2",
+                 "--causal", "true", "--threads", "1", "--wait-idle", "0", out=tmp_path, timeout=600,
+                 stem="attention_growth")
+    growth = report["interleaved_growth"]["causal"]
+    assert "error" not in growth, growth
+    assert [sorted(r) for r in growth["rounds"]] == [["128", "64"]] * 2
+    assert list(growth["growth"]) == ["128"] and len(growth["growth_ratios"]["128"]) == 2
+    assert growth["path_counts"]["forward_exact"] == 0 and growth["path_counts"]["backward_exact"] == 0
+    assert report["rows"] == [] and not (tmp_path / "attention.json").exists()
+    assert "interleaved" in (tmp_path / "attention_growth.md").read_text()
+
+
 def _bench_module(name: str):
     sys.path.insert(0, str(BENCH))
     try:
@@ -117,3 +131,27 @@ def test_attention_rounds_are_merged_into_one_median():
     assert failed["error"] == "boom"
     with pytest.raises(SystemExit):
         attention.parse_args(["--rounds", "0"])
+
+
+def test_attention_interleaved_growth_pairs_lengths_within_a_round():
+    """bench/attention.py --interleave: each doubling's growth is the median over rounds of the
+    ratio measured within one round, so a slow round (every time doubled) does not move it;
+    the growth goal is checked on it as well as on the per-configuration medians."""
+    attention = _bench_module("attention")
+    rounds = [{"1024": 1.0, "2048": 2.0, "4096": 4.4},
+              {"4096": 8.0, "2048": 4.2, "1024": 2.0},  # a slow round
+              {"1024": 1.0, "2048": 2.1, "4096": 4.0}]
+    growth = attention.paired_growth(rounds)
+    assert growth["growth_ratios"]["2048"] == [2.0, 2.1, 2.1]
+    assert growth["growth"]["2048"] == 2.1
+    assert growth["growth"]["4096"] == pytest.approx(4.0 / 2.1)
+    assert growth["time_s"] == {"1024": 1.0, "2048": 2.1, "4096": 4.4}
+    goal = "lowrank time grows <= 2.2x per doubling, interleaved (causal)"
+    assert attention.check_goals([], {}, {"causal": growth})[goal] is True
+    steep = attention.paired_growth([{"1024": 1.0, "2048": 2.3}])
+    assert attention.check_goals([], {}, {"causal": steep})[goal] is False
+    assert goal not in attention.check_goals([], {}, {"causal": {"error": "boom"}})
+    assert attention.parse_args(["--growth-only"]).interleave == 9
+    for bad in (["--interleave", "-1"], ["--growth-only", "--lengths", "1024"]):
+        with pytest.raises(SystemExit):
+            attention.parse_args(bad)
