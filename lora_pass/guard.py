@@ -117,8 +117,10 @@ def measured_errors(approx: dict, ref: dict, q, k, v, dout, *, scale: float, key
 # --- cost model -------------------------------------------------------------------------------
 # Crossover sequence lengths for d = 64, g = 2 (rank 2,145), forward + backward. CPU: measured by
 # bench/attention.py on one thread, the op compiled as the backend compiles it (C++ wrapper), on an
-# Intel Xeon (bench/results/cpu-intel-xeon/attention.json, interpolated between the measured
-# lengths: 7,041 causal, 2,771 non-causal; the AMD EPYC of earlier runs was faster still).
+# Intel Xeon (bench/results/cpu-intel-xeon/attention_1426.json, interpolated between the measured
+# lengths: 7,041 causal, 2,771 non-causal; 7,912 and 3,162 in its later run). The same op on an
+# AMD EPYC crosses over earlier (bench/results/cpu-amd-epyc/attention.json: 5,789 and 2,920), so
+# the causal entry is the slower machine's and the non-causal one lies within both machines' runs.
 # CUDA: not measured yet; a FLOP-based placeholder until a GPU run of bench/attention.py
 # replaces it. Other (d, g) scale with the feature rank: the low-rank cost is
 # O(L k d) against O(L^2 d) for exact attention, so the crossover moves with k.
