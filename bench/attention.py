@@ -694,7 +694,7 @@ def main(argv=None):
         print(f"interleaved growth {name}: " + (run.get("error") or
               ", ".join(f"{k}: {v:.2f}x" for k, v in run["growth"].items())))
     for name in ("causal", "non_causal"):
-        if name in cross:
+        if rows and name in cross:  # not with --growth-only: no exact runs
             print(f"crossover {name}: {cross[name]}")
     for name, ok in report["goals"].items():
         if rows or ok is not None:
