@@ -164,9 +164,19 @@ def test_lowrank_op_is_not_downcast_by_autocast():
 # activation checkpointing
 
 
+def enable_checkpointing(model, use_reentrant: bool):
+    """Hugging Face's activation checkpointing under the name the installed transformers has:
+    `activation_checkpointing_enable` (the newer name; `gradient_checkpointing_enable` is its
+    deprecated alias there) or `gradient_checkpointing_enable` (older releases)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_gradient_checkpointing_rewrites_sites_and_keeps_gradients(reentrant):
-    """Hugging Face's gradient_checkpointing_enable: Dynamo turns each checkpointed decoder layer
+    """Hugging Face's activation (gradient) checkpointing: Dynamo turns each checkpointed decoder layer
     (reentrant or not) into a tag_activation_checkpoint region; the backend rewrites the sites
     inside the regions, and the gradients equal those of eager without checkpointing.
 
@@ -177,7 +187,7 @@ def test_gradient_checkpointing_rewrites_sites_and_keeps_gradients(reentrant):
     model.train()
     batches = [batch(10), batch(11)]
     expected = [loss_and_grads(model, model, ids) for ids in batches]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, use_reentrant=reentrant)
     compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED)
     for ids, (ref_loss, _, ref_grads) in zip(batches, expected):
         loss, _, grads = loss_and_grads(model, compiled, ids)
