@@ -166,6 +166,21 @@ def _path_counts(stats) -> dict:
     return counts
 
 
+def _setup(spec: dict):
+    """A worker's thread count, then (device, dtype, sync): sync waits for the device's queue (CUDA)."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return device, getattr(torch, spec["dtype"]), sync
+
+
 def run_worker(spec: dict) -> dict:
     """One (mode, causal, L): compile, time and measure; the exact worker also times the guard.
     A spec with "lengths" is an interleaved growth run instead (run_growth_worker)."""
@@ -175,17 +190,10 @@ def run_worker(spec: dict) -> dict:
 
     if "lengths" in spec:
         return run_growth_worker(spec)
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
+    device, dtype, sync = _setup(spec)
     causal, length, mode = spec["causal"], spec["length"], spec["mode"]
     scale = HEAD_DIM**-0.5
     cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
     q, k, v, dout = _inputs(spec, length, device, dtype)
     sync()
@@ -224,16 +232,7 @@ def run_growth_worker(spec: dict) -> dict:
     their ratio (paired_growth)."""
     import torch
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    device, dtype, sync = _setup(spec)
     lengths = sorted(spec["lengths"])
     # one static graph per length (dynamic shapes would compile the exact path only)
     fn, stats, settings = _compiled("lowrank", spec["causal"], device, dynamic=False)
