@@ -490,16 +490,15 @@ def write_markdown(path, report, rows):
         *(["* interrupted: only the configurations listed were measured"] if report["interrupted"] else []),
         "",
     ]
+    clock = "CPU time of the benchmark process" if report["settings"]["clock"] == "cpu" else "wall clock"
     if not rows:  # --growth-only
         lines.append(
-            f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
-            "are forward + backward of the guarded op as the backend inserts it, every call of which took the "
-            "low-rank path (its telemetry is checked), compiled with the Inductor settings the backend adds "
-            f"({_settings_text(list((report.get('interleaved_growth') or {}).values()), 'inductor_settings')}).")
+            f"Times ({clock}) are forward + backward of the guarded op as the backend inserts it, every call of "
+            "which took the low-rank path (its telemetry is checked), compiled with the Inductor settings the "
+            f"backend adds ({_settings_text(list((report.get('interleaved_growth') or {}).values()), 'inductor_settings')}).")
     else:
         lines += [
-            f"Times ({'CPU time of the benchmark process' if report['settings']['clock'] == 'cpu' else 'wall clock'}) "
-            "are forward + backward (guard: forward only, it runs once per forward). Exact is",
+            f"Times ({clock}) are forward + backward (guard: forward only, it runs once per forward). Exact is",
             "`scaled_dot_product_attention` compiled by Inductor; lowrank is the guarded op as the backend inserts it",
             "(guard and `cond` included), every call of which took the low-rank path (its telemetry is checked),",
             "compiled with the Inductor settings the backend adds where a low-rank path compiles "
@@ -514,9 +513,8 @@ def write_markdown(path, report, rows):
             *(["With the wall clock a sample during which they used more than 0.25 cores is discarded and",
                "taken again; rows marked * had no clean sample."] if report["settings"]["clock"] == "wall" else
               ["CPU time of a one-thread process does not count the time slices other processes get."]),
+            "", render_table(rows, "github"), "", "## Crossover (smallest L from which lowrank is faster)", "",
         ]
-    if rows:  # not with --growth-only
-        lines += ["", render_table(rows, "github"), "", "## Crossover (smallest L from which lowrank is faster)", ""]
         for name, c in report["crossover"].items():
             if isinstance(c, dict):
                 extra = f", interpolated {c['interpolated']}" if c.get("interpolated") else ""
@@ -593,7 +591,7 @@ def parse_args(argv=None):
         p.error(f"--interleave must be an integer >= 0, got {args.interleave}")
     if args.growth_only and args.interleave == 0:
         args.interleave = 9
-    if args.interleave and len(sorted(set(args.lengths or DEFAULT_LENGTHS))) < 2:
+    if args.interleave and len(set(args.lengths or DEFAULT_LENGTHS)) < 2:
         p.error("--interleave and --growth-only need at least two --lengths")
     if args.lengths is None:
         args.lengths = QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS
