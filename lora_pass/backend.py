@@ -94,21 +94,26 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
 def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None = None, *, rewritten: bool = True,
                       inner_compile=None):
     """Inductor's compile_fx with config `patches`. A `rewritten` graph (one holding the attention
-    op) has its higher-order ops' subgraphs lowered without donated inputs
-    (`compat.subgraphs_without_donation`: the op's backward is a cond around while_loops, and
-    Inductor 2.13 may otherwise overwrite a loop-invariant input in place), and the backend's
-    post-grad pass (`compat.PostGradPass`): loop states accumulated in place, and Inductor's
-    FX-graph cache keyed on this package's sources, so that no cached code compiled by another
-    version of the op or without that fix is reused. A `post_grad_custom_pre_pass` in `patches`
-    runs first, then the backend's (`compat.with_post_grad_pass`). A graph without sites is
-    compiled exactly as `backend="inductor"` compiles it."""
+    op) is traced with cond and scan allowed in checkpointed regions
+    (`compat.control_flow_under_checkpoint`), lowered, forward and backward at once, under
+    `compat.rewritten_graph_lowering` (loop indices allowed, so every chunk loop stays a loop
+    whatever Dynamo's settings; subgraphs without donated inputs; Inductor's cond and while_loop
+    fixes), and gets the backend's post-grad pass (`compat.PostGradPass`): loop states
+    accumulated in place, and Inductor's FX-graph cache keyed on this package's sources, so that
+    no cached code compiled by another version of the op is reused. A
+    `post_grad_custom_pre_pass` in `patches` runs first, then the backend's
+    (`compat.with_post_grad_pass`). A graph without sites is compiled exactly as
+    `backend="inductor"` compiles it."""
     patches = dict(patches or {})
     if not rewritten:  # no inner_compile argument unless given: the call backend="inductor" makes
         given = {} if inner_compile is None else {"inner_compile": inner_compile}
         return compat.compile_fx(gm, example_inputs, config_patches=patches or None, **given)
     patches["post_grad_custom_pre_pass"] = compat.with_post_grad_pass(patches.get("post_grad_custom_pre_pass"))
-    inner = compat.without_subgraph_donation(inner_compile or compat.compile_fx_inner())
-    return compat.compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
+    inner = compat.lowering_rewritten_graphs(inner_compile or compat.compile_fx_inner())
+    # the backward is lowered now, not at the first backward call: a failure there (the C++
+    # wrapper, a loop) reaches the backend's fallbacks instead of the user's training step
+    with compat.control_flow_under_checkpoint(), compat.force_eager_backward_compile():
+        return compat.compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
 
 
 def op_backend(patches: dict | None = None):

@@ -249,40 +249,47 @@ def cond(pred, true_fn, false_fn, operands):
     return cond_op(pred, _canonical_strides(true_fn), _canonical_strides(false_fn), tuple(operands))
 
 
-def scan(fn, init, xs, extra=()):
+def scan(fn, init, xs, extra=(), sizes=()):
     """A loop over the leading dimension of `xs`, traced once: the scan higher-order op.
 
     `fn(carry, x, extra) -> (new_carry, ys)` with tuples of tensors: `x` holds one slice of each
     tensor in `xs`, `extra` the loop-invariant tensors (passed in, not closed over, so that the
     traced body has no lifted constants). Returns (final carry, each ys stacked along a new
     dimension 0). An empty `init` is allowed (a map): a dummy counter is carried instead.
+    `sizes`: the symbolic sizes (SymInts) that the shapes of the ys are computed from, under
+    dynamic shapes; Inductor's lowering allocates the ys from them (it binds the symbols of the
+    loop's own inputs only), and `fn` never sees them.
 
     Under AOTAutograd the op is traced into a subgraph, which Inductor (2.11 - 2.14) lowers to a
-    while_loop around the compiled body (`decompose_scan_to_while_loop`), writing each step's ys
-    into preallocated outputs; in eager it runs a Python loop. A single step (a sequence of one
-    chunk) is traced inline, without a loop; so is every step where the loop cannot be traced
-    (`_loop_index_allowed`) or without the op.
+    while_loop around the compiled body (`decompose_scan_to_while_loop`, run by the backend under
+    `loop_lowering`), writing each step's ys into preallocated outputs; in eager it runs a Python
+    loop. The number of steps may be symbolic (dynamic shapes): it becomes the loop's trip count.
+    Only a loop of exactly one step (a static sequence of one chunk) is traced inline, without a
+    loop; a loop is never unrolled.
     """
     init, xs, extra = tuple(init), tuple(xs), tuple(extra)
+    sizes = tuple(s for s in sizes if isinstance(s, torch.SymInt))
     counter = len(init) == 0
     if counter:
         init = (torch.zeros((), dtype=torch.int64, device=xs[0].device),)
-    n_init, n_xs = len(init), len(xs)
+    n_init, n_xs, n_extra = len(init), len(xs), len(extra)
 
     def combine(*flat):
-        carry, x, rest = flat[:n_init], flat[n_init:n_init + n_xs], flat[n_init + n_xs:]
+        carry, x = flat[:n_init], flat[n_init:n_init + n_xs]
+        rest = flat[n_init + n_xs:n_init + n_xs + n_extra]
         new, ys = fn(() if counter else carry, x, rest)
         if counter:
             new = (carry[0] + 1,)
         return (*new, *ys)
 
-    try:
-        from torch._higher_order_ops.scan import scan_op
-    except ImportError:  # pragma: no cover - every supported torch has it
-        scan_op = None
-    if xs[0].shape[0] == 1:
-        scan_op = None  # one step needs no loop (short sequences: one chunk)
-    if scan_op is not None and torch.compiler.is_dynamo_compiling():
+    steps = xs[0].shape[0]
+    if isinstance(steps, int) and steps == 1:  # one step needs no loop (short sequences: one chunk)
+        out = combine(*init, *(t[0] for t in xs), *extra)
+        carry, ys = out[:n_init], tuple(y.unsqueeze(0) for y in out[n_init:])
+        return (() if counter else tuple(carry)), ys
+    from torch._higher_order_ops.scan import scan_op
+
+    if torch.compiler.is_dynamo_compiling():
         # Dynamo traces the op itself (the op called in a user's compiled function): it captures
         # scan only through the public wrapper, whose body may close over `extra`
         from torch._higher_order_ops.scan import scan as public_scan
@@ -293,37 +300,34 @@ def scan(fn, init, xs, extra=()):
 
         carry, ys = public_scan(body, init, xs)
         return (() if counter else tuple(carry)), tuple(ys)
-    if scan_op is not None and not _loop_index_allowed():
-        scan_op = None
-    if scan_op is None:
-        carry, steps = init, []
-        for i in range(xs[0].shape[0]):
-            out = combine(*carry, *(t[i] for t in xs), *extra)
-            carry = out[:n_init]
-            steps.append(out[n_init:])
-        ys = tuple(torch.stack(column) for column in zip(*steps))
-    else:
-        out = scan_op(combine, list(init), list(xs), extra)
-        carry, ys = tuple(out[:n_init]), tuple(out[n_init:])
+    out = scan_op(combine, list(init), list(xs), extra + sizes)
+    carry, ys = tuple(out[:n_init]), tuple(out[n_init:])
     return (() if counter else tuple(carry)), ys
 
 
-def _loop_index_allowed() -> bool:
-    """Whether the graph being traced can hold scan's loop index.
+@contextlib.contextmanager
+def loop_index_allowed(example_inputs):
+    """Let the graph being lowered read its loop indices: the fake mode of `example_inputs`
+    allows scalar outputs while this context is open.
 
-    Inductor lowers scan to a while_loop whose body reads its index with `.item()`, an unbacked
-    symbol that the fake mode must allow (a ShapeEnv that allows scalar outputs, as
-    `local_scalar_dense` checks). Under DDP the graph is traced by a fake mode that does not
-    (`DataDependentOutputException`); there the loop is unrolled instead (correct, with more
-    compile time and memory).
+    Inductor lowers scan to a while_loop whose body reads its index with `.item()` (an unbacked
+    symbol), which the fake mode refuses unless scalar outputs are allowed: Dynamo's fake mode
+    allows them only under `torch._dynamo.config.capture_scalar_outputs = True`, and DDP's
+    split graphs never. The backend opens this context around Inductor's lowering of the graphs
+    it rewrote (`rewritten_graph_lowering`), for those graphs alone, so that every chunk loop
+    stays one loop whatever the user set; it changes nothing else of the trace.
     """
     from torch._guards import detect_fake_mode
 
-    mode = detect_fake_mode()
-    if mode is None:
-        return True
-    env = mode.shape_env
-    return env is not None and (env.allow_scalar_outputs or mode.allow_scalar_outputs)
+    mode = detect_fake_mode(example_inputs)
+    if mode is None or mode.allow_scalar_outputs:
+        yield
+        return
+    mode.allow_scalar_outputs = True
+    try:
+        yield
+    finally:
+        mode.allow_scalar_outputs = False
 
 
 def _canonical_strides(fn):
@@ -354,8 +358,24 @@ def _canonical_strides(fn):
     return wrapped
 
 
-def _pin_cond_operand_strides():
-    """Make Inductor pass cond operands with the strides their subgraphs were compiled for.
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    """`owner.name = value` while the context is open (re-entrant: an inner context of the same
+    patch changes nothing), then the original back."""
+    original = owner.__dict__[name]
+    if getattr(original, "_lowrank_lora_patch", None) is getattr(value, "_lowrank_lora_patch", object()):
+        yield
+        return
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _conditional_create_pinning_operand_strides(original):
+    """Inductor's `Conditional.create`, passing cond operands with the strides their subgraphs
+    were compiled for.
 
     Inductor (2.11 - 2.14) compiles a cond subgraph for the operands' FakeTensor strides but
     realizes the operands with whatever layout it picked for them; a transposed gradient then
@@ -364,10 +384,6 @@ def _pin_cond_operand_strides():
     """
     from torch._inductor import ir
     from torch._inductor.virtualized import V
-
-    original = ir.Conditional.create
-    if getattr(original, "_lowrank_lora_pinned", False):
-        return
 
     def create(cls, predicate, true_fn, false_fn, operands):
         fx_operands = V.graph.current_node.args[-1]
@@ -379,15 +395,13 @@ def _pin_cond_operand_strides():
             pinned.append(x)
         return original.__func__(cls, predicate, true_fn, false_fn, pinned)
 
-    create._lowrank_lora_pinned = True
-    ir.Conditional.create = classmethod(create)
+    create._lowrank_lora_patch = "conditional"
+    return classmethod(create)
 
 
-_pin_cond_operand_strides()
-
-
-def _own_while_loop_carries():
-    """Give Inductor's while_loop its own copy of every initial carry it did not allocate.
+def _while_loop_create_owning_carries(original):
+    """Inductor's `WhileLoop.create`, giving the loop its own copy of every initial carry it did
+    not allocate, and keeping the loop's outputs out of buffer reuse.
 
     The compiled loop body reuses the storage of its carried inputs for its outputs, so the
     initial carries are overwritten. Inductor (2.11 - 2.14) copies an initial carry only when two
@@ -395,17 +409,15 @@ def _own_while_loop_carries():
     the forward's scan and the backward's, saved for the backward) was clobbered: wrong
     gradients. The preallocated scan outputs (`empty_strided`, see decompose_scan_to_while_loop)
     are owned by the loop and are not copied; the other carries (states of size k x d, a counter)
-    are small. The body reused a carried input's storage through the donated-buffer indices it
-    inherits from the backward (`subgraphs_without_donation`, which rewritten graphs now compile
-    under); this copy stays for the graphs the backend leaves alone, and it is the buffer that
-    `accumulate_carries_in_place` then updates in place.
+    are small; the copy is also the buffer that `accumulate_carries_in_place` updates in place.
+
+    The C++ wrapper declares a handle named after each loop output (a mutated carry's output
+    too) where the loop starts; Inductor 2.13's memory planner may later hand such an output's
+    name to a buffer it reuses, which the C++ wrapper declares a second time (`conflicting
+    declaration 'auto bufN'`: the graph does not compile). Loop outputs are never reused.
     """
     from torch._inductor import ir
     from torch._inductor.virtualized import V
-
-    original = ir.WhileLoop.create
-    if getattr(original, "_lowrank_lora_owned", False):
-        return
 
     def create(cls, cond_fn, body_fn, carried_inputs, additional_inputs, stack_output=False):
         fx_carried = V.graph.current_node.args[2] if V.graph.current_node is not None else ()
@@ -415,45 +427,69 @@ def _own_while_loop_carries():
             if isinstance(x, ir.IRNode) and not fresh:
                 x = ir.ExternKernel.copy_input(x)
             owned.append(x)
-        return original.__func__(cls, cond_fn, body_fn, owned, additional_inputs, stack_output)
+        outputs = original.__func__(cls, cond_fn, body_fn, owned, additional_inputs, stack_output)
+        loop = next(op for op in reversed(V.graph.operations) if isinstance(op, ir.WhileLoop))
+        for out in [*(loop.outputs or ()), *getattr(loop, "mutation_outputs", ())]:
+            V.graph.never_reuse_buffers.add(out.get_name())
+        return outputs
 
-    create._lowrank_lora_owned = True
-    ir.WhileLoop.create = classmethod(create)
+    create._lowrank_lora_patch = "while_loop"
+    return classmethod(create)
 
 
-_own_while_loop_carries()
+@contextlib.contextmanager
+def rewritten_graph_lowering(example_inputs):
+    """Inductor's lowering of a graph the backend rewrote (the forward's, and the backward's at
+    its first call): its loop indices allowed (`loop_index_allowed`), its subgraphs lowered
+    without donated inputs (`subgraphs_without_donation`), cond operands pinned to their traced
+    strides and while_loops owning their carries (the two functions above). Every change is
+    undone when the lowering returns: graphs the backend does not rewrite, and every other
+    compilation in the process, see Inductor as it is.
+    """
+    from torch._inductor import ir
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(loop_index_allowed(example_inputs))
+        stack.enter_context(subgraphs_without_donation())
+        for cls, name, patch in ((ir.Conditional, "create", _conditional_create_pinning_operand_strides),
+                                 (ir.WhileLoop, "create", _while_loop_create_owning_carries)):
+            stack.enter_context(_patched(cls, name, patch(cls.__dict__[name])))
+        yield
 
 
-def _control_flow_under_checkpoint():
-    """Let cond and scan run inside an activation-checkpointed region under torch.compile.
+@contextlib.contextmanager
+def control_flow_under_checkpoint():
+    """Let cond and scan be traced inside an activation-checkpointed region, while the context
+    is open (the backend's AOTAutograd trace of a rewritten graph).
 
     AOTAutograd traces a checkpointed region (the tag_activation_checkpoint higher-order op)
     under the selective-checkpointing dispatch modes, which in torch 2.11 - 2.14 have rules for
     some higher-order ops (flex_attention, invoke_subgraph, ...) but not for cond: a guarded site
     inside gradient checkpointing failed with "no rule registered for HigherOrderOperator cond".
     Redirecting cond to the modes, as torch does for those ops, tags it for recomputation like
-    any other op of the region. scan (the low-rank path's chunk loops) has no rule either.
+    any other op of the region. scan (the low-rank path's chunk loops) has no rule either. The
+    rules are removed again when the context closes, unless torch had its own.
     """
     try:
         from torch._higher_order_ops.cond import cond_op
+        from torch._higher_order_ops.scan import scan_op
         from torch._higher_order_ops.utils import redirect_to_mode
         from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
     except ImportError:  # a torch without these modes has nothing to redirect
+        yield
         return
-    ops = [cond_op]
-    try:
-        from torch._higher_order_ops.scan import scan_op
-
-        ops.append(scan_op)
-    except ImportError:
-        pass
-    for op in ops:
+    added = []
+    for op in (cond_op, scan_op):
         for mode in (_CachingTorchDispatchMode, _CachedTorchDispatchMode):
             if mode not in op.python_key_table:
                 redirect_to_mode(op, mode)
-
-
-_control_flow_under_checkpoint()
+                added.append((op, mode))
+    try:
+        yield
+    finally:
+        for op, mode in added:
+            op.python_key_table.pop(mode, None)
+            op._dispatch_cache.clear()
 
 
 def annotate_before_ddp_split(annotate, backend) -> None:
@@ -616,14 +652,14 @@ def subgraphs_without_donation():
         GraphLowering.make_subgraph = original
 
 
-def without_subgraph_donation(inner_compile):
+def lowering_rewritten_graphs(inner_compile):
     """`inner_compile` (Inductor's compile_fx_inner or a wrapper of it) run under
-    `subgraphs_without_donation`: compile_fx calls it for the forward graph and, at the first
+    `rewritten_graph_lowering`: compile_fx calls it for the forward graph and, at the first
     backward, for the backward graph, so both are covered."""
 
-    def inner(*args, **kwargs):
-        with subgraphs_without_donation():
-            return inner_compile(*args, **kwargs)
+    def inner(gm, example_inputs, *args, **kwargs):
+        with rewritten_graph_lowering(example_inputs):
+            return inner_compile(gm, example_inputs, *args, **kwargs)
 
     return inner
 

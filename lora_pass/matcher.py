@@ -15,6 +15,8 @@ import re
 import torch
 import torch.fx as fx
 
+from .mask_structure import classify_size_only_mask
+
 # ---------------------------------------------------------------------------------------------
 # records
 
@@ -83,6 +85,9 @@ class Site:
     paths: str  # "guarded", "lowrank", "exact"
     decision: str  # why these paths were compiled in
     submodule: str = ""
+    # symbolic L (dynamic shapes) in mode "auto": the low-rank branch runs only for L >= this
+    # (the cost model's crossover), checked per call with the guard; 0 otherwise
+    min_length: int = 0
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "projections"}
@@ -548,10 +553,15 @@ def decompose_mask(mask: fx.Node, lq, lk, additive: bool) -> MaskPlan:
         if value is None:
             return MaskPlan(reason="mask of unknown shape")
         shape = tuple(value.shape)
+        if _sizes_only(node):
+            # built from the symbolic sizes of a dynamic-shape graph, no data: read its structure
+            kind = None if is_additive else classify_size_only_mask(node)
+            if kind is None:
+                return MaskPlan(reason=f"mask part {list(shape)} computed from the symbolic sizes is neither "
+                                       f"causal nor all-true (or is not built from position comparisons)")
+            causal = causal or kind == "causal"
+            continue
         if not (len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and (lk is None or shape[3] == lk)):
-            if _sizes_only(node):
-                return MaskPlan(reason=f"mask part {list(shape)} is computed from the symbolic sizes of a "
-                                       f"dynamic-shape graph: it cannot be classified at compile time")
             return MaskPlan(reason=f"mask part {list(shape)} depends on runtime data and is not "
                                    f"key-padding-shaped [B, 1, 1, L]")
         if (value.dtype == torch.bool) == is_additive:

@@ -126,6 +126,15 @@ def _static(*dims) -> bool:
     return all(isinstance(d, int) for d in dims)
 
 
+def _same_length(lq, lk) -> bool:
+    """Lq == Lk, known at compile time (the same symbol, for symbolic lengths), without a guard."""
+    if _static(lq, lk):
+        return lq == lk
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(lq == lk)
+
+
 def _plan(cand: matcher.Candidate, opts: Options, index: int):
     """-> (Site, MaskPlan) or Skipped for one candidate."""
     module = matcher.module_path(cand.output)
@@ -154,7 +163,7 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
             return skip(mask.reason)
         mask.causal = mask.causal or cand.causal
     causal = mask.causal
-    if causal and not dynamic and lq != lk:
+    if causal and not _same_length(lq, lk):
         return skip(f"causal attention with Lq={lq} != Lk={lk}")
     if not dynamic and (lq == 0 or lk == 0):
         return skip("empty sequence")
@@ -166,10 +175,8 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     else:
         scale = float(cand.scale if cand.scale is not None else d**-0.5)
     device_type = qv.device.type
-    if dynamic:
-        # the low-rank path lays the inputs out in chunks of a static length
-        paths, decision = "exact", "dynamic sequence length: exact (the low-rank path needs a static length)"
-    elif opts.mode == "exact":
+    min_length = 0
+    if opts.mode == "exact":
         paths, decision = "exact", 'mode="exact"'
     elif opts.mode == "lowrank":
         paths, decision = "lowrank", 'mode="lowrank"'
@@ -177,7 +184,11 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
         crossover = opts.crossover
         if crossover is None:
             crossover = guard.crossover_length(d, opts.degree, device_type, causal)
-        if lq >= crossover:
+        if not isinstance(lq, int):
+            # one graph serves every length: the crossover is checked per call, with the guard
+            paths, min_length = "guarded", crossover
+            decision = f"symbolic L={lq}: guard and L >= crossover {crossover} decide per call"
+        elif lq >= crossover:
             paths, decision = "guarded", f"L={lq} >= crossover {crossover}: guard decides per call"
         else:
             paths, decision = "exact", f"L={lq} < crossover {crossover}: exact is faster"
@@ -186,7 +197,7 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
         mask="padding" if mask.factors else ("causal" if causal else "none"),
         batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d, scale=scale,
         degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
-        paths=paths, decision=decision,
+        paths=paths, decision=decision, min_length=min_length,
     )
     return site, mask
 
@@ -281,7 +292,8 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.Ma
     qv = matcher.meta_value(cand.q)
     symbolic = site.scale == matcher.SYMBOLIC
     config = AttentionConfig(scale=1.0 if symbolic else site.scale, causal=site.causal, degree=site.degree,
-                             r_max=site.r_max, paths=site.paths, softmax_one=cand.softmax_one)
+                             r_max=site.r_max, paths=site.paths, softmax_one=cand.softmax_one,
+                             min_length=site.min_length)
     pq, pk = site.projections["q"], site.projections["k"]
     # the composed norms are scaled by the logit scale: not traced where it is symbolic
     telemetry_norms = opts.telemetry and pq.nodes and pk.nodes and not symbolic

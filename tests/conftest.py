@@ -45,6 +45,12 @@ def calls_op(code: str, name: str) -> bool:
     return f"torch.ops.lora_pass.{name}" in code or f'aoti_torch_call_dispatcher("lora_pass::{name}"' in code
 
 
+def loop_count(code: str) -> int:
+    """How many loops (lowered scans) the generated code runs, with either wrapper: the Python
+    wrapper writes each while_loop as `while should_loop:`, the C++ wrapper as `while (1) {`."""
+    return code.count("while should_loop:") + code.count("while (1) {")
+
+
 def uses_cpp_wrapper(code: str) -> bool:
     """Is this generated code Inductor's C++ wrapper (not the Python one)?"""
     return "cpp_wrapper_src" in code

@@ -1,4 +1,5 @@
-"""compat.subgraphs_without_donation: a loop in a backward keeps its loop-invariant inputs."""
+"""compat.subgraphs_without_donation: a loop in a backward keeps its loop-invariant inputs; the
+backend's loop lowering under default Dynamo settings."""
 
 import pytest
 import torch
@@ -62,12 +63,11 @@ def _grad(fn, seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loop_invariant_input_of_a_backward_loop_is_not_overwritten(seed):
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):  # scan stays a loop (no unrolling)
-        compiled = torch.compile(_loss, backend=op_backend(), fullgraph=True)
-        from torch._inductor.utils import run_and_get_code
+    from torch._inductor.utils import run_and_get_code
 
-        got, codes = run_and_get_code(lambda: _grad(compiled, seed))
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss, backend=op_backend(), fullgraph=True)  # default settings: the scan stays a loop
+    got, codes = run_and_get_code(lambda: _grad(compiled, seed))
     assert any("while_loop_body" in code for code in codes), "the backward's scan was not a loop"
     torch.testing.assert_close(got, _grad(_loss, seed), rtol=1e-10, atol=1e-10)
 
@@ -109,8 +109,7 @@ def _compiled_state_loop(return_state, seed, patches=None) -> str:
     b = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
     f = _state_loop(return_state)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        got, (code,) = run_and_get_code(torch.compile(f, backend=op_backend(patches), fullgraph=True), xs, b)
+    got, (code,) = run_and_get_code(torch.compile(f, backend=op_backend(patches), fullgraph=True), xs, b)
     want = f(xs, b)
     assert len(got) == len(want)
     for g, w in zip(got, want):

@@ -4,8 +4,9 @@ FSDP2, against a single-process run on the same global data.
 One `torch.multiprocessing.spawn` runs every scenario (one compilation each per process) and
 returns, from rank 0, the trained LoRA parameters and what the backend recorded; the tests then
 compare them with three SGD steps of eager on the whole batch in this process. Each rank takes
-half of every global batch of 4 sequences of 16 tokens; with equal token counts per rank, DDP's
-gradient average equals the gradient of the global mean loss.
+half of every global batch of 4 sequences of SEQ tokens; with equal token counts per rank, DDP's
+gradient average equals the gradient of the global mean loss. SEQ is five causal chunks of the
+low-rank path (4 x 64 + 16), so every compiled graph with a site holds its chunk loops.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch.distributed as dist
 
 WORLD = 2
 STEPS = 3
-LR = 0.5
+LR = 2.0  # SEQ-token sequences give small gradients: every LoRA matrix still moves by > 1e-2
 GLOBAL_BATCH = 4
+SEQ = 272
 OPTIONS = {"crossover": 0}  # guarded sites: layer 0 takes the low-rank path, layer 1 the exact one
 BOUNDED = (0.05, 40.0)
 
@@ -31,20 +33,32 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def _batches():
     g = torch.Generator().manual_seed(3)
-    return [torch.randint(0, 64, (GLOBAL_BATCH, 16), generator=g) for _ in range(STEPS)]
+    return [torch.randint(0, 64, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(STEPS)]
 
 
 def _train(model, call, rank=None):
-    """STEPS of SGD on the LoRA parameters; with `rank`, on this rank's half of each batch."""
+    """STEPS of SGD on the LoRA parameters; with `rank`, on this rank's half of each batch.
+    -> the code Inductor generated (all of it is generated in the first step)."""
+    from torch._inductor.utils import run_and_get_code
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=LR)
     per_rank = GLOBAL_BATCH // WORLD
+    codes = []
     for ids in _batches():
         if rank is not None:
             ids = ids[rank * per_rank:(rank + 1) * per_rank]
         opt.zero_grad(set_to_none=True)
-        call(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+        def step(ids=ids):
+            call(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+        if not codes:
+            codes = run_and_get_code(step)[1]
+        else:
+            step()
         opt.step()
+    return codes
 
 
 def _trained(model):
@@ -56,12 +70,15 @@ def _trained(model):
     return out
 
 
-def _recorded():
+def _recorded(codes):
     import lora_pass
+
+    from tests.conftest import loop_count
 
     records = [r for r in lora_pass.records() if r.sites or r.skipped]
     return {
         "graphs": len(records),
+        "loops": [loop_count(code) for code in codes],  # per generated module, in compile order
         "sites": [(s.module, s.paths, s.decision, {n: p.adapted for n, p in s.projections.items()})
                   for r in records for s in r.sites],
         "skipped": [(s.module, s.reason) for r in records for s in r.skipped],
@@ -77,7 +94,7 @@ def _scenario(name, rank, mesh):
 
     torch._dynamo.reset()
     lora_pass.reset()
-    model = tiny_opt("sdpa", bounded=BOUNDED)
+    model = tiny_opt("sdpa", bounded=BOUNDED, seq=SEQ + 2)
     model.train()
     if name == "ddp":
         call = torch.compile(DDP(model), backend="lowrank_lora", options=OPTIONS)
@@ -88,10 +105,10 @@ def _scenario(name, rank, mesh):
         torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 512
         try:
             call = torch.compile(DDP(model, bucket_cap_mb=1e-3), backend="lowrank_lora", options=OPTIONS)
-            _train(model, call, rank)
+            codes = _train(model, call, rank)
         finally:
             torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = first_bucket
-        return _trained(model), _recorded()
+        return _trained(model), _recorded(codes)
     elif name.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
@@ -105,8 +122,8 @@ def _scenario(name, rank, mesh):
         call = model if name == "fsdp2_compile_first" else torch.compile(model, backend="lowrank_lora", options=OPTIONS)
     else:
         raise ValueError(name)
-    _train(model, call, rank)
-    return _trained(model), _recorded()
+    codes = _train(model, call, rank)
+    return _trained(model), _recorded(codes)
 
 
 SCENARIOS = ("ddp", "ddp_split", "fsdp2", "fsdp2_compile_first")
@@ -152,7 +169,7 @@ def reference():
     """Eager, one process, the whole batch: the LoRA parameters after STEPS, and before."""
     from tests.conftest import tiny_opt
 
-    model = tiny_opt("sdpa", bounded=BOUNDED)
+    model = tiny_opt("sdpa", bounded=BOUNDED, seq=SEQ + 2)
     model.train()
     initial = _trained(model)
     _train(model, model)
@@ -186,6 +203,9 @@ def _assert_both_paths_ran(recorded, graphs=None):
     assert len(lowrank) == 1 and len(exact) == 1
     if graphs is not None:
         assert recorded["graphs"] == graphs
+    # each guarded site compiles its chunk loops once (three scans: one in the forward, two in the
+    # backward), whichever graph, forward or backward, holds them: never unrolled
+    assert sum(recorded["loops"]) == 2 * 3
 
 
 def test_ddp_compiled_matches_single_process(runs, reference):

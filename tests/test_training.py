@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 
 GUARDED = {"crossover": 0}
+CHUNKED = 272  # a causal length of five chunks of the low-rank loops (4 x 64 + 16)
 
 
 def fresh():
@@ -178,21 +179,33 @@ def enable_checkpointing(model, use_reentrant: bool):
 def test_gradient_checkpointing_rewrites_sites_and_keeps_gradients(reentrant):
     """Hugging Face's activation (gradient) checkpointing: Dynamo turns each checkpointed decoder layer
     (reentrant or not) into a tag_activation_checkpoint region; the backend rewrites the sites
-    inside the regions, and the gradients equal those of eager without checkpointing.
+    inside the regions, and the gradients equal those of eager without checkpointing. Sequences of
+    five chunks: the chunk loops stay loops inside the regions (the forward's, and in the backward
+    the recomputed forward's and the backward's own, of both guarded sites).
 
     The checkpointed forward runs again in the backward, so each step counts two forward calls
     per site (forward and recomputation) and one backward call."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.conftest import loop_count
+
     fresh()
-    model = tiny_opt("sdpa", bounded=(0.05, 40.0))
+    model = tiny_opt("sdpa", bounded=(0.05, 40.0), seq=CHUNKED + 2)
     model.train()
-    batches = [batch(10), batch(11)]
+    batches = [batch(10, (2, CHUNKED)), batch(11, (2, CHUNKED))]
     expected = [loss_and_grads(model, model, ids) for ids in batches]
     enable_checkpointing(model, use_reentrant=reentrant)
     compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED)
-    for ids, (ref_loss, _, ref_grads) in zip(batches, expected):
-        loss, _, grads = loss_and_grads(model, compiled, ids)
+    for i, (ids, (ref_loss, _, ref_grads)) in enumerate(zip(batches, expected)):
+        if i == 0:
+            (loss, _, grads), codes = run_and_get_code(lambda: loss_and_grads(model, compiled, ids))
+        else:
+            loss, _, grads = loss_and_grads(model, compiled, ids)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         assert_grads_close(grads, ref_grads)
+    # the graph with the sites (Hugging Face's checkpointing breaks the graph around it): its
+    # forward, then its backward (the recomputed forward's loop and the backward's own two)
+    assert [n for n in map(loop_count, codes) if n] == [2 * 1, 2 * (1 + 2)]
 
     sites = [s for r in lora_pass.records() for s in r.sites]
     assert len(sites) == 2 and not any(r.skipped for r in lora_pass.records())
@@ -234,8 +247,8 @@ class Checkpointed(torch.nn.Module):
 
 def test_torch_utils_checkpoint_around_a_block():
     """torch.utils.checkpoint around a LoRA attention block, compiled with fullgraph=True: the
-    site inside the checkpointed region is rewritten and takes the low-rank path; output, input
-    gradient and LoRA gradients equal eager's."""
+    site inside the checkpointed region is rewritten and takes the low-rank path, its chunk loops
+    loops in the generated code; output, input gradient and LoRA gradients equal eager's."""
     from peft import LoraConfig, inject_adapter_in_model
 
     fresh()
@@ -246,8 +259,8 @@ def test_torch_utils_checkpoint_around_a_block():
         block.k_proj.weight.mul_(0.01)
     init_lora_b(block)
     model = Checkpointed(block)
-    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(3))
-    dout = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, CHUNKED, 32, generator=torch.Generator().manual_seed(3))
+    dout = torch.randn(2, CHUNKED, 32, generator=torch.Generator().manual_seed(4))
 
     def run(call):
         model.zero_grad(set_to_none=True)
@@ -256,9 +269,14 @@ def test_torch_utils_checkpoint_around_a_block():
         out.backward(dout)
         return out.detach(), xx.grad, lora_grads(model)
 
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.conftest import loop_count
+
     ref_out, ref_dx, ref_grads = run(model)
     compiled = torch.compile(model, backend="lowrank_lora", options=GUARDED, fullgraph=True)
-    out, dx, grads = run(compiled)
+    (out, dx, grads), codes = run_and_get_code(lambda: run(compiled))
+    assert (loop_count(codes[0]), loop_count(codes[-1])) == (1, 1 + 2)  # forward; recomputed forward, backward
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads, ref_grads)

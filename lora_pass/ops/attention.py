@@ -56,6 +56,9 @@ class AttentionConfig:
     r_max: float = 0.0
     paths: str = "guarded"  # "guarded" (cond on the guard), "lowrank" (always), "exact" (always)
     softmax_one: bool = False  # softmax_1 attention: e^{s_ij} / (1 + sum_l e^{s_il})
+    # "guarded": the low-rank branch also needs L >= min_length, checked per call (a symbolic
+    # length, where the cost model's crossover cannot be decided at compile time)
+    min_length: int = 0
 
 
 def new_stats(device) -> torch.Tensor:
@@ -202,6 +205,8 @@ class GuardedAttention(torch.autograd.Function):
                 out, lse = lowrank_fwd(q, k, v, *extra, *tables)
             else:
                 pred = bound <= cfg.r_max
+                if cfg.min_length:
+                    pred = pred & (q.new_full((), q.shape[2], dtype=torch.int64) >= cfg.min_length)
                 out, lse = compat.cond(pred, lowrank_fwd, exact_fwd, (q, k, v, *extra, *tables))
         if stats is not None:
             record_forward(stats, bound, pred)

@@ -52,9 +52,11 @@ LAST_SCAN_ROWS = 8  # rows per step of the backward's last scan (dK, dV), when e
 CAUSAL_ONE_CHUNK = 256  # causal sequences up to this long are one chunk: no features at all
 
 
-def chunk_size(length: int, causal: bool = True) -> int:
+def chunk_size(length, causal: bool = True) -> int:
     """Rows per chunk: the whole length when it is at most CHUNK_FULL (non-causal) or
-    CAUSAL_ONE_CHUNK (causal), else CHUNK_FULL or CHUNK_CAUSAL.
+    CAUSAL_ONE_CHUNK (causal), else CHUNK_FULL or CHUNK_CAUSAL. A symbolic length (dynamic
+    shapes) always gets CHUNK_FULL or CHUNK_CAUSAL: the number of chunks is then the symbolic
+    trip count of the loops, and nothing is specialised on the length.
 
     The chunk loop is a scan, compiled once, so the number of chunks costs no compile time;
     the chunk size sets the causal intra-chunk cost and the memory of one chunk's features
@@ -62,9 +64,28 @@ def chunk_size(length: int, causal: bool = True) -> int:
     sequence of one chunk is the masked polynomial alone, O(L^2 d) but with no O(L k d) feature
     products, which is cheaper for short sequences.
     """
+    if not isinstance(length, int):
+        return CHUNK_CAUSAL if causal else CHUNK_FULL
     if causal:
         return max(1, length if length <= CAUSAL_ONE_CHUNK else CHUNK_CAUSAL)
     return max(1, min(length, CHUNK_FULL))
+
+
+def _several(n) -> bool:
+    """Whether a number of chunks may be more than one (always, when it is symbolic)."""
+    return not isinstance(n, int) or n > 1
+
+
+def _chunks(length, chunk: int):
+    """Chunks that hold `length` rows: ceil(length / chunk), and one more for a symbolic length.
+
+    The extra chunk (zero padding, 1 to 2 chunks of it in all) keeps every size the compiler
+    tests away from its special values whatever the length: the chunk count is never 1 and the
+    padding never empty or a single row. Tests of those (the contiguity of a tensor with a size-1
+    dimension, a concatenation with an empty tensor) would otherwise guard the graph on L <= 64
+    or on L mod 64, and a later length on the other side would compile it again.
+    """
+    return math.ceil(length / chunk) if isinstance(length, int) else (length + chunk - 1) // chunk + 1
 
 
 def last_scan_rows(chunk: int) -> int:
@@ -78,10 +99,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _padded(t: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
-    """t zero-padded along `dim` to `rows` (t itself when it is long enough)."""
+def _padded(t: torch.Tensor, dim: int, rows) -> torch.Tensor:
+    """t zero-padded along `dim` to `rows` (t itself when it is long enough; with symbolic sizes
+    always a concatenation, of a padding that may be empty)."""
     pad = rows - t.shape[dim]
-    if pad <= 0:
+    if isinstance(pad, int) and pad <= 0:
         return t
     return torch.cat([t, t.new_zeros(t.shape[:dim] + (pad,) + t.shape[dim + 1:])], dim=dim)
 
@@ -125,19 +147,25 @@ class _Prepared:
         if causal and lq != lk:
             raise ValueError(f"causal low-rank attention needs Lq == Lk, got {lq} and {lk}")
         self.b, self.hkv, self.g, self.lq, self.lk, self.d = b, hkv, hq // hkv, lq, lk, d
+        self.sizes = (b, lq, lk)
         self.root = math.sqrt(scale)
-        c = chunk or chunk_size(max(lq, lk, 1), causal)
-        self.c = c = max(1, min(c, max(lq, lk, 1)))
-        self.nq, self.nk = math.ceil(lq / c), math.ceil(lk / c)
+        static = isinstance(lq, int) and isinstance(lk, int)
+        c = chunk or chunk_size(max(lq, lk, 1) if static else lq, causal)
+        self.c = c = max(1, min(c, max(lq, lk, 1))) if static else c
+        self.nq, self.nk = _chunks(lq, c), _chunks(lk, c)
         self.q = self.queries(q)
         self.k, self.v = _padded(k, 2, self.nk * c), _padded(v, 2, self.nk * c)
         self.mu = (key_center(k, key_weight) if center is None else center).to(cdt)
         w = None if key_weight is None else key_weight[:, None, :, None]
-        if w is None and not causal and self.nk * c != lk:
+        if w is None and not causal and not (isinstance(lk, int) and self.nk * c == lk):
             w = torch.ones(b, 1, lk, 1, dtype=cdt, device=q.device)  # padded keys get weight 0
         self.has_weight = key_weight is not None
         self.w = None if w is None else _padded(w, 2, self.nk * c)
         self.mu_t = self.mu * self.root  # softmax_one's c_i = qt_i . mu_t
+
+    def scan(self, fn, init, xs, extra=()):
+        """compat.scan, binding the symbolic sizes of the inputs (dynamic shapes) for its outputs."""
+        return compat.scan(fn, init, xs, extra, sizes=self.sizes)
 
     def queries(self, t):
         """[B, Hq, Lq, D] (q, dO, O) -> [B, Hkv, G, Nq * C, D], padded."""
@@ -304,7 +332,7 @@ def _states(p: _Prepared):
         pk = p.key_features(kt_c, w_c, tables)
         return (h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)), ()
 
-    (h, z), _ = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nk),), (*p.key_inputs(), *p.tables))
+    (h, z), _ = p.scan(step, p.state_zeros(), (p.chunk_numbers(p.nk),), (*p.key_inputs(), *p.tables))
     return h, z
 
 
@@ -327,7 +355,7 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
             pq = p.features(qr, tables)
             return (), (p.query_out(p.normalise(pq @ h, pq @ z[..., None], p.null(qr, mu_t))),)
 
-        _, (out,) = compat.scan(query_step, (), (p.chunk_numbers(p.nq),), (p.q, h, z, p.mu_t, *p.tables))
+        _, (out,) = p.scan(query_step, (), (p.chunk_numbers(p.nq),), (p.q, h, z, p.mu_t, *p.tables))
     else:
         def step(carry, x, extra):
             h, z = carry  # states of the chunks before this one
@@ -335,14 +363,14 @@ def lowrank_attention_forward(q, k, v, *, scale, degree, causal, key_weight=None
             q, mu_t, tables = rest[0], rest[1], rest[2:]
             (kt_c, v_c, w_c, qr), (_, _, a) = p.causal_chunk(k, v, w, mu, q, x[0])
             num, den = a @ v_c, a.sum(-1, keepdim=True)
-            if p.nq > 1:  # one chunk has no earlier keys: the states stay 0
+            if _several(p.nq):  # one chunk has no earlier keys: the states stay 0
                 pq = p.features(qr, tables)
                 num, den = num + pq @ h, den + pq @ z[..., None]
                 pk = p.key_features(kt_c, w_c, tables)
                 h, z = h + pk.transpose(-1, -2) @ v_c, z + pk.sum(-2)
             return (h, z), (p.query_out(p.normalise(num, den, p.null(qr, mu_t))),)
 
-        _, (out,) = compat.scan(step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+        _, (out,) = p.scan(step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                 (*p.key_inputs(), p.q, p.mu_t, *p.tables))
     return _sequence(out, p.lq).to(q.dtype)
 
@@ -376,7 +404,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 dqt = dqt + dc * mu_t
             return (dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)), (p.query_out(dqt * p.root),)
 
-        (dh, dz), (dqt,) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+        (dh, dz), (dqt,) = p.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                        (p.q, do, o, h, z, p.mu_t, *p.tables))
 
         rows = last_scan_rows(p.c)
@@ -388,7 +416,7 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dkt, dv_c = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
             return (), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
-        _, (dk, dv) = compat.scan(key_step, (), (p.chunk_numbers(p.nk * p.c // rows),),
+        _, (dk, dv) = p.scan(key_step, (), (p.chunk_numbers(p.nk * p.c // rows),),
                                   (*p.key_inputs(), dh, dz, *p.tables))
     else:
         # forward order: prefix states H_<c, z_<c give dQ; each row's r = dN / dO is kept
@@ -400,13 +428,13 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             (kt_c, v_c, w_c, qr), (s, m, a) = p.causal_chunk(k, v, w, mu, q, i)
             do_r = p.query_rows(do, i)
             den = a.sum(-1, keepdim=True)
-            if p.nq > 1:
+            if _several(p.nq):
                 pq = p.features(qr, tables)
                 den = den + pq @ z[..., None]
             r, dden, dc = p.output_grads(den, do_r, p.query_rows(o, i), p.null(qr, mu_t))
             dn = do_r * r
             dqt = p.intra_grad(s, m, dn, dden, v_c) @ kt_c
-            if p.nq > 1:
+            if _several(p.nq):
                 dpq = dn @ h.transpose(-1, -2) + dden * z[..., None, :]
                 dqt = dqt + p.features_vjp(qr, dpq, tables)
                 pk = p.key_features(kt_c, w_c, tables)
@@ -415,12 +443,12 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
                 dqt = dqt + dc * mu_t
             return (h, z), (p.query_out(dqt * p.root), r)
 
-        states, (dqt, r_all) = compat.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
+        states, (dqt, r_all) = p.scan(query_step, p.state_zeros(), (p.chunk_numbers(p.nq),),
                                            (*p.key_inputs(), p.q, do, o, p.mu_t, *p.tables))
 
         # reverse order: the state gradients of the later chunks, dH_>c and dz_>c, give dK and dV,
         # in chunks of `rows` (every output is alive during this scan: its buffers are kept small)
-        rows = last_scan_rows(p.c) if p.nk > 1 else p.c
+        rows = last_scan_rows(p.c) if _several(p.nk) else p.c
         n_rev = p.nk * p.c // rows
         r_all = p.regroup(r_all, rows)
 
@@ -435,14 +463,14 @@ def lowrank_attention_backward(dout, q, k, v, out, *, scale, degree, causal, key
             dden = -(do_r * p.query_rows(o, i, rows)).sum(-1, keepdim=True) * r  # as in output_grads
             dkt = p.intra_grad(s, m, dn, dden, v_c).transpose(-1, -2) @ qr
             dv_c = a.transpose(-1, -2) @ dn
-            if n_rev > 1:  # one chunk has no later queries: the state gradients stay 0
+            if _several(n_rev):  # one chunk has no later queries: the state gradients stay 0
                 dkt_inter, dv_inter = p.key_grads(kt_c, v_c, w_c, dh, dz, tables)
                 dkt, dv_c = dkt + dkt_inter, dv_c + dv_inter
                 pq = p.features(qr, tables)
                 dh, dz = dh + pq.transpose(-1, -2) @ dn, dz + (pq * dden).sum(-2)
             return (dh, dz), (p.key_out(dkt * p.root), p.key_out(dv_c))
 
-        _, (dk, dv) = compat.scan(key_step, tuple(_zeroed(t) for t in states), (p.chunk_numbers(n_rev, reverse=True),),
+        _, (dk, dv) = p.scan(key_step, tuple(_zeroed(t) for t in states), (p.chunk_numbers(n_rev, reverse=True),),
                                   (*p.key_inputs(), p.q, do, o, r_all, *p.tables))
         reverse_leading_(dk)
         reverse_leading_(dv)

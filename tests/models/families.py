@@ -17,13 +17,14 @@ def _scale_qk(pairs, factors):
                 t.mul_(factor)
 
 
-def tiny_llama(attn="sdpa", targets=("q_proj", "k_proj", "v_proj", "o_proj"), bounded=None, layers=2):
-    """LLaMA with rotary embeddings and grouped-query attention (4 query heads, 2 KV heads)."""
+def tiny_llama(attn="sdpa", targets=("q_proj", "k_proj", "v_proj", "o_proj"), bounded=None, layers=2, positions=64):
+    """LLaMA with rotary embeddings and grouped-query attention (4 query heads, 2 KV heads);
+    `positions`: the longest sequence (each builder takes it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                       attn_implementation=attn)
     model = LlamaForCausalLM(cfg)
     if bounded is not None:
@@ -32,13 +33,13 @@ def tiny_llama(attn="sdpa", targets=("q_proj", "k_proj", "v_proj", "o_proj"), bo
     return _lora(model, targets, bounded)
 
 
-def tiny_bert(attn="sdpa", targets=("query", "key", "value"), bounded=None, layers=2):
+def tiny_bert(attn="sdpa", targets=("query", "key", "value"), bounded=None, layers=2, positions=64):
     """A BERT encoder (bidirectional attention, padding mask) for sequence classification."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     intermediate_size=64, max_position_embeddings=positions, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, attn_implementation=attn, num_labels=2,
                      problem_type="single_label_classification")  # else set on the first call: a recompile
     model = BertForSequenceClassification(cfg)
@@ -48,12 +49,12 @@ def tiny_bert(attn="sdpa", targets=("query", "key", "value"), bounded=None, laye
     return _lora(model, targets, bounded)
 
 
-def tiny_gpt2(attn="sdpa", bounded=None, layers=2):
+def tiny_gpt2(attn="sdpa", bounded=None, layers=2, positions=64):
     """GPT-2: one fused Conv1D `c_attn` makes q, k and v; LoRA on it with fan_in_fan_out."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=2, n_positions=64, resid_pdrop=0.0,
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=2, n_positions=positions, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn)
     model = GPT2LMHeadModel(cfg)
     model.loss_type = "ForCausalLM"  # unset for GPT-2, transformers warns on first use: a graph break

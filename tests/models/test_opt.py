@@ -120,7 +120,7 @@ def test_default_auto_mode_keeps_short_sequences_exact(batch):
 
 
 def test_guarded_mode_with_several_chunks():
-    """L above the chunk size: the unrolled chunk loop inside both cond branches."""
+    """L above the chunk size: the chunk loops inside both cond branches."""
     length = 300
     model = tiny_opt("sdpa", ("q_proj", "v_proj"), bounded=(0.02, 40.0), seq=length + 2)
     torch.manual_seed(2)

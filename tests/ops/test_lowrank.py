@@ -281,7 +281,7 @@ def test_chunk_loop_compiles_to_one_loop_with_correct_gradients(causal):
     """The op as the backend inserts it (opaque to Dynamo, traced by AOTAutograd), several chunks:
     the chunk loops are compiled as loops (`while` in the forward and backward code, not unrolled),
     and output and gradients equal eager. The loops' initial states share zeros with each other
-    after CSE; a compiled loop that overwrote them gave wrong gradients (compat._own_while_loop_carries)."""
+    after CSE; a compiled loop that overwrote them gave wrong gradients (compat._while_loop_create_owning_carries)."""
     from torch._inductor.utils import run_and_get_code
 
     length = multi_chunk_length(causal, 44)
