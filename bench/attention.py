@@ -28,6 +28,12 @@ between configurations cancels.
     python bench/attention.py --threads 1 --clock cpu  # on a shared machine: CPU time, one thread
     python bench/attention.py --threads 1 --clock cpu --rounds 3 --repeats 3  # ... spread over rounds
     python bench/attention.py --threads 1 --clock cpu --growth-only --interleave 15  # growth per doubling
+    python bench/attention.py --path both --heads 12 --threads 2 --causal true  # also through a model
+
+With `--path model` (or `both`) the same attention is also timed in the model a user compiles: a
+LoRA block (`lora_block`) under `torch.compile(block, backend="lowrank_lora")` against
+`backend="inductor"`, with each compile time, and the attention's share of the block (the block
+less the same block without its attention) set beside the op-level ratio.
 
 Writes `attention.json` and `attention.md` (with --growth-only `attention_growth.json` and
 `attention_growth.md`) to --out (default bench/results/<machine>/).
@@ -190,6 +196,8 @@ def run_worker(spec: dict) -> dict:
 
     if "lengths" in spec:
         return run_growth_worker(spec)
+    if spec.get("path") == "model":
+        return run_model_worker(spec)
     device, dtype, sync = _setup(spec)
     causal, length, mode = spec["causal"], spec["length"], spec["mode"]
     scale = HEAD_DIM**-0.5
@@ -222,6 +230,94 @@ def run_worker(spec: dict) -> dict:
         result["guard"] = timed
         result["bound"] = float(guard(qd, kd))
         result["r_max"] = r_max(DEGREE, TOLERANCE)
+    return result
+
+
+# --- worker: the same attention through a model compiled with the backend ---------------------------
+
+MODEL_MODES = ("exact", "lowrank", "rest")
+
+
+def lora_block(heads: int, causal: bool, seed: int = 0):
+    """The attention block a user compiles: four `nn.Linear` of width H * 64 (q, k, v, out), PEFT
+    LoRA (r = 8, alpha = 16) on q and v, `scaled_dot_product_attention` in between. Its q and k
+    weights are drawn small (std 0.1 / sqrt(width)) so that on unit-variance inputs the entries of
+    q and k have std 0.1, as in the op-level runs, and the guard passes."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            width = heads * HEAD_DIM
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(width, width) for _ in range(4))
+
+        def forward(self, x):
+            b, length, width = x.shape
+            shape = (b, length, heads, HEAD_DIM)
+            q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = self.attention(q, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, width))
+
+        def attention(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    torch.manual_seed(seed)
+    block = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), Block())
+    width = heads * HEAD_DIM
+    with torch.no_grad():
+        for proj in (block.q_proj.base_layer, block.k_proj):
+            proj.weight.normal_(std=0.1 / width**0.5)
+            proj.bias.zero_()
+        for name, param in block.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    return block
+
+
+def run_model_worker(spec: dict) -> dict:
+    """One (mode, causal, L) of the model path: the LoRA block compiled as a user compiles it and
+    timed forward + backward (every gradient: x's and the LoRA weights').
+
+    exact: `backend="inductor"`; lowrank: `backend="lowrank_lora"` with `crossover=0` (the site
+    guarded, the guard passing on every call: checked); rest: the same block without its
+    attention (`v` passed through), under `backend="inductor"`, whose time is subtracted to give
+    the attention's share of the other two.
+    """
+    import torch
+
+    import lora_pass
+
+    device, dtype, sync = _setup(spec)
+    causal, length, mode, heads = spec["causal"], spec["length"], spec["mode"], spec["heads"]
+    block = lora_block(heads, causal, spec["seed"]).to(device=device, dtype=dtype)
+    if mode == "rest":
+        block.attention = lambda q, k, v: v
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    shape = (spec["batch"], length, heads * HEAD_DIM)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    dout = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if mode == "lowrank":
+        fn = torch.compile(block, backend="lowrank_lora", options={"crossover": 0})
+    else:
+        fn = torch.compile(block, backend="inductor")
+
+    def step():
+        torch.autograd.backward(fn(x), dout)
+
+    base_rss = _rss_mb("VmRSS")
+    lora_pass.reset()
+    result = {"path": "model", "mode": mode, "causal": causal, "length": length, "heads": heads,
+              "threads": torch.get_num_threads()}
+    result.update(_compile_and_time(step, spec, sync, MIN_SAMPLE_S))
+    result["compile_peak_rss_mb"] = _rss_mb("VmHWM") - base_rss
+    if mode == "lowrank":
+        ((site, stats),) = lora_pass.telemetry()
+        counts = {k: int(stats[k]) for k in ("forward_lowrank", "forward_exact", "backward_lowrank", "backward_exact")}
+        if counts["forward_exact"] or counts["backward_exact"] or not counts["forward_lowrank"]:
+            raise RuntimeError(f"the guard did not pass on every call (R above R_max): {counts}")
+        result.update(path_counts=counts, bound=stats["max_bound"], site_paths=site.paths)
     return result
 
 
@@ -317,12 +413,14 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 
 def _key(spec):
-    return {"mode": spec["mode"], "causal": spec["causal"], "length": spec["length"]}
+    return {"path": spec.get("path", "op"), "mode": spec["mode"], "causal": spec["causal"], "length": spec["length"]}
 
 
 def summarise(runs: list[dict], lengths, causals) -> list[dict]:
     """One row per (causal, L) joining the exact run (with its guard timing) and the lowrank run."""
-    by_key = {(r["mode"], r["causal"], r["length"]): r for r in runs}
+    by_key = {(r["mode"], r["causal"], r["length"]): r for r in runs if r.get("path", "op") == "op"}
+    if not by_key:
+        return []
     rows = []
     for causal in causals:
         for length in lengths:
@@ -355,6 +453,96 @@ def summarise(runs: list[dict], lengths, causals) -> list[dict]:
 
 def _ms(t):
     return None if t is None else 1000 * t
+
+
+def summarise_model(runs: list[dict], lengths, causals, op_rows: list[dict]) -> list[dict]:
+    """One row per (causal, L) of the model path: the block under plain Inductor (exact), under
+    the backend (lowrank) and without its attention (rest); the attention's share of each is its
+    time less the rest's, and their ratio is set beside the op-level ratio of the same run."""
+    by_key = {(r["mode"], r["causal"], r["length"]): r for r in runs if r.get("path") == "model"}
+    if not by_key:
+        return []
+    op = {(r["causal"], r["length"]): r for r in op_rows}
+    rows = []
+    for causal in causals:
+        for length in lengths:
+            ex, lr, rest = (by_key.get((m, causal, length), {}) for m in MODEL_MODES)
+            t_ex, t_lr, t_rest = ex.get("time_s"), lr.get("time_s"), rest.get("time_s")
+            attn_ex = t_ex - t_rest if t_ex and t_rest else None
+            attn_lr = t_lr - t_rest if t_lr and t_rest else None
+            attn_speedup = attn_ex / attn_lr if attn_ex and attn_lr and attn_lr > 0 else None
+            op_speedup = (op.get((causal, length)) or {}).get("speedup")
+            rows.append({
+                "causal": causal,
+                "length": length,
+                "block_exact_ms": _ms(t_ex),
+                "block_lowrank_ms": _ms(t_lr),
+                "block_rest_ms": _ms(t_rest),
+                "block_speedup": t_ex / t_lr if t_ex and t_lr else None,
+                "attention_speedup": attn_speedup,
+                "op_speedup": op_speedup,
+                "model_vs_op": attn_speedup / op_speedup if attn_speedup and op_speedup else None,
+                "exact_compile_s": ex.get("compile_s"),
+                "lowrank_compile_s": lr.get("compile_s"),
+                "compile_extra_s": (lr["compile_s"] - ex["compile_s"]) if lr.get("compile_s") and ex.get("compile_s")
+                else None,
+                "bound": lr.get("bound"),
+                "contended": any(r.get("contended") for r in (ex, lr, rest)),
+                "errors": {m: r["error"] for m, r in zip(MODEL_MODES, (ex, lr, rest)) if "error" in r},
+            })
+    return rows
+
+
+#: goals of the model path (issue: what users run), checked and reported, never enforced
+MODEL_GOALS = {"model_vs_op_within": 0.10, "compile_extra_at_most_s": 60.0, "compile_growth_at_most": 1.3}
+
+
+def check_model_goals(rows: list[dict]) -> dict:
+    """The model path's goals: its attention ratio within 10% of the op's at every L where both
+    were measured, its compile time at most plain Inductor's + 60 s at every L, and flat in L
+    (the slowest compile at most 1.3x the fastest)."""
+    g, out = MODEL_GOALS, {}
+    pairs = [r["model_vs_op"] for r in rows if r["model_vs_op"] is not None]
+    out[f"model-path attention ratio within {g['model_vs_op_within']:.0%} of the op-level ratio at every L"] = (
+        all(abs(p - 1) <= g["model_vs_op_within"] for p in pairs) if pairs else None)
+    extra = [r["compile_extra_s"] for r in rows if r["compile_extra_s"] is not None]
+    out[f"model compile time at most plain Inductor's + {g['compile_extra_at_most_s']:.0f} s at every L"] = (
+        max(extra) <= g["compile_extra_at_most_s"] if extra else None)
+    for causal in (True, False):
+        times = [r["lowrank_compile_s"] for r in rows if r["causal"] == causal and r["lowrank_compile_s"]]
+        out[f"model compile time flat in L: slowest <= {g['compile_growth_at_most']}x fastest "
+            f"({'causal' if causal else 'non-causal'})"] = (
+            max(times) <= g["compile_growth_at_most"] * min(times) if len(times) > 1 else None)
+    return out
+
+
+MODEL_HEADERS = {
+    "causal": "causal", "length": "L", "block_exact_ms": "block exact ms", "block_lowrank_ms": "block lowrank ms",
+    "block_rest_ms": "block w/o attention ms", "block_speedup": "block exact/lowrank",
+    "attention_speedup": "attention exact/lowrank", "op_speedup": "op exact/lowrank", "model_vs_op": "model/op",
+    "exact_compile_s": "Inductor compile s", "lowrank_compile_s": "backend compile s", "bound": "R",
+}
+
+
+def render_model_table(rows, fmt):
+    from tabulate import tabulate
+
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if key == "length" or isinstance(value, bool):
+            return value
+        if key in ("block_speedup", "attention_speedup", "op_speedup", "model_vs_op"):
+            return f"{value:.2f}"
+        if key == "bound":
+            return f"{value:.3f}"
+        return f"{value:.1f}"
+
+    body = [[cell(k, r[k]) for k in MODEL_HEADERS] for r in rows]
+    for line, r in zip(body, rows):
+        if r["contended"]:
+            line[1] = f"{line[1]}*"
+    return tabulate(body, headers=list(MODEL_HEADERS.values()), tablefmt=fmt, disable_numparse=True)
 
 
 def crossover(rows: list[dict], causal: bool) -> dict:
@@ -474,6 +662,7 @@ def _rounds_text(rounds: int) -> str:
 
 
 def write_markdown(path, report, rows):
+    measured = bool(rows or report.get("model_rows"))
     lines = [
         "# Attention benchmark: low-rank path against exact attention",
         "",
@@ -484,19 +673,19 @@ def write_markdown(path, report, rows):
         f"* B = {report['settings']['batch']}, H = {report['settings']['heads']}, d = {HEAD_DIM}, "
         f"degree {DEGREE}, {report['settings']['dtype']}" + (
             f", median of {report['settings']['repeats']} after {report['settings']['warmup']} warm-up call(s)"
-            + _rounds_text(report['settings']['rounds']) if rows else ""),
+            + _rounds_text(report['settings']['rounds']) if measured else ""),
         f"* R_max(degree {DEGREE}, tolerance {TOLERANCE}) = {report['r_max']:.3f}"
-        + ("; measured R in the table" if rows else ""),
+        + ("; measured R in the table" if measured else ""),
         *(["* interrupted: only the configurations listed were measured"] if report["interrupted"] else []),
         "",
     ]
     clock = "CPU time of the benchmark process" if report["settings"]["clock"] == "cpu" else "wall clock"
-    if not rows:  # --growth-only
+    if not measured:  # --growth-only
         lines.append(
             f"Times ({clock}) are forward + backward of the guarded op as the backend inserts it, every call of "
             "which took the low-rank path (its telemetry is checked), compiled with the Inductor settings the "
             f"backend adds ({_settings_text(list((report.get('interleaved_growth') or {}).values()), 'inductor_settings')}).")
-    else:
+    elif rows:
         lines += [
             f"Times ({clock}) are forward + backward (guard: forward only, it runs once per forward). Exact is",
             "`scaled_dot_product_attention` compiled by Inductor; lowrank is the guarded op as the backend inserts it",
@@ -539,11 +728,25 @@ def write_markdown(path, report, rows):
                 f"{k}: {v:.2f}x [{min(run['growth_ratios'][k]):.2f}, {max(run['growth_ratios'][k]):.2f}]"
                 for k, v in run["growth"].items()))
             lines.append("  (median ms: " + ", ".join(f"{k}: {1000 * t:.1f}" for k, t in run["time_s"].items()) + ")")
+    model_rows = report.get("model_rows") or []
+    if model_rows:
+        lines += [
+            "", f"## Through a model compiled with the backend (H = {report['settings']['heads']})", "",
+            "The same attention in a LoRA block (`bench/attention.py` `lora_block`: q, k, v and output",
+            "projections of width H x 64, PEFT LoRA r = 8 on q and v, `scaled_dot_product_attention`), compiled",
+            "as a user compiles it: `torch.compile(block, backend=\"inductor\")` (exact) and",
+            "`torch.compile(block, backend=\"lowrank_lora\", options={\"crossover\": 0})` (lowrank: guarded,",
+            "the guard passing on every call, checked), default Dynamo and Inductor settings, forward +",
+            "backward of every gradient. `block w/o attention` is the block with its attention replaced by",
+            "`v` (Inductor); the attention ratio is (exact - it) / (lowrank - it), `model/op` that ratio over",
+            "the op-level one of this run. Compile time: the first step, cold (wall clock).",
+            "", render_model_table(model_rows, "github"),
+        ]
     lines += ["", "## Goals", ""]
     for name, ok in report["goals"].items():
-        if rows or ok is not None:  # --growth-only: the growth goals alone
+        if rows or model_rows or ok is not None:  # --growth-only: the growth goals alone
             lines.append(f"* {'yes' if ok else 'no' if ok is not None else 'not measured'}: {name}")
-    errors = [(r["causal"], r["length"], e) for r in rows for e in r["errors"].items()]
+    errors = [(r["causal"], r["length"], e) for r in [*rows, *model_rows] for e in r["errors"].items()]
     if errors:
         lines += ["", "## Errors", ""]
         lines += [f"* causal={c} L={length} {m}: {msg}" for c, length, (m, msg) in errors]
@@ -558,6 +761,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the compiling one (default 1)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--path", choices=("op", "model", "both"), default="op",
+                   help="op: the guarded op called directly (default); model: the same attention in a LoRA "
+                        "block compiled with backend='lowrank_lora' (against backend='inductor'), with compile "
+                        "times; both: each, in one table per path")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
@@ -618,11 +825,14 @@ def main(argv=None):
     causals = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
     lengths = sorted(set(args.lengths))
     out_dir = args.out or ROOT / "bench" / "results" / machine_slug(device)
+    common_spec = {"device": device, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
+                   "repeats": args.repeats, "warmup": args.warmup, "qk_std": args.qk_std, "seed": args.seed,
+                   "threads": args.threads, "clock": args.clock}
+    paths = {"op": ["op"], "model": ["model"], "both": ["op", "model"]}[args.path]
     specs = [
-        {"mode": mode, "causal": causal, "length": length, "device": device, "dtype": args.dtype,
-         "batch": args.batch, "heads": args.heads, "repeats": args.repeats, "warmup": args.warmup,
-         "qk_std": args.qk_std, "seed": args.seed, "threads": args.threads, "clock": args.clock}
-        for causal in causals for length in lengths for mode in MODES
+        {"path": path, "mode": mode, "causal": causal, "length": length, **common_spec}
+        for path in paths for causal in causals for length in lengths
+        for mode in (MODES if path == "op" else MODEL_MODES)
     ]
     by_spec = [[] for _ in specs]  # each configuration's run in every round
     interleaved = {}  # --interleave: the growth run of each causality
@@ -634,22 +844,22 @@ def main(argv=None):
     caches = tempfile.TemporaryDirectory(prefix="lora_pass_bench_rounds_") if args.rounds > 1 else None
     try:
         for rnd, i, spec in todo:
-            bar.set_description(f"round {rnd + 1}/{args.rounds} {spec['mode']:>7} "
+            bar.set_description(f"round {rnd + 1}/{args.rounds} {spec['path']:>5} {spec['mode']:>7} "
                                 f"causal={spec['causal']!s:<5} L={spec['length']}")
             waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 and args.clock == "wall" else 0.0
             cache_dir = None
             if caches is not None and not args.warm_cache:
-                cache_dir = Path(caches.name) / f"{spec['mode']}-{spec['causal']}-{spec['length']}"
+                cache_dir = Path(caches.name) / f"{spec['path']}-{spec['mode']}-{spec['causal']}-{spec['length']}"
                 cache_dir.mkdir(exist_ok=True)
             run = {**launch(spec, args.timeout, args.warm_cache, cache_dir), "waited_for_idle_s": waited}
             if "error" in run:
-                tqdm.write(f"failed: {spec['mode']} causal={spec['causal']} L={spec['length']}: {run['error']}")
+                tqdm.write(f"failed: {spec['path']} {spec['mode']} causal={spec['causal']} L={spec['length']}: "
+                           f"{run['error']}")
             by_spec[i].append(run)
             bar.update()
         for causal in causals if args.interleave else ():
             bar.set_description(f"interleaved growth causal={causal!s:<5}")
-            spec = {**specs[0], "mode": "lowrank", "causal": causal, "lengths": lengths, "rounds": args.interleave}
-            del spec["length"]
+            spec = {**common_spec, "mode": "lowrank", "causal": causal, "lengths": lengths, "rounds": args.interleave}
             run = common.launch(Path(__file__), spec, timeout=args.timeout, warm_cache=args.warm_cache,
                                 show_progress=False, threads=args.threads)
             if "error" in run:
@@ -664,6 +874,7 @@ def main(argv=None):
     runs = [merge_rounds(r) if len(r) > 1 else r[0] for r in by_spec if r]
 
     rows = [] if args.growth_only else summarise(runs, lengths, causals)
+    model_rows = [] if args.growth_only else summarise_model(runs, lengths, causals, rows)
     cross = {"device": device, "head_dim": HEAD_DIM, "degree": DEGREE}
     for causal in causals:
         cross["causal" if causal else "non_causal"] = crossover(rows, causal)
@@ -677,9 +888,12 @@ def main(argv=None):
         "growth_per_doubling": growth_table(rows),
         "interleaved_growth": interleaved,
         "rows": rows,
+        "model_rows": model_rows,
         "runs": runs,
     }
-    report["goals"] = check_goals(rows, cross, interleaved)
+    report["goals"] = check_goals(rows, cross, interleaved) if rows or not model_rows else {}
+    if model_rows:
+        report["goals"].update(check_model_goals(model_rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "attention_growth" if args.growth_only else "attention"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -687,6 +901,8 @@ def main(argv=None):
 
     if rows:
         print(render_table(rows, "simple"))
+    if model_rows:
+        print(render_model_table(model_rows, "simple"))
     for name, run in interleaved.items():
         print(f"interleaved growth {name}: " + (run.get("error") or
               ", ".join(f"{k}: {v:.2f}x" for k, v in run["growth"].items())))
@@ -694,7 +910,7 @@ def main(argv=None):
         if rows and name in cross:  # not with --growth-only: no exact runs
             print(f"crossover {name}: {cross[name]}")
     for name, ok in report["goals"].items():
-        if rows or ok is not None:
+        if rows or model_rows or ok is not None:
             print(f"{'yes' if ok else 'no' if ok is not None else 'n/a':>4}  {name}")
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
 

@@ -326,17 +326,35 @@ def launch(script: Path, spec: dict, *, timeout: float, warm_cache: bool, show_p
             env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
         start = time.perf_counter()
+        # its own process group: on a timeout (or ^C) the worker's compilers (cc1plus) end with it
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                stderr=None if show_progress else subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE,
-                                  stderr=None if show_progress else subprocess.PIPE, text=True, timeout=timeout)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
+        except BaseException:
+            _kill_group(proc)
+            raise
+        proc.stdout, proc.stderr = out, err
     wall = time.perf_counter() - start
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return {**json.loads(line[len(RESULT_TAG):]), "wall_s": wall}
     tail = ((proc.stderr or "") + proc.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "wall_s": wall}
+
+
+def _kill_group(proc) -> None:
+    """End a worker and everything it started (its process group), then reap it."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 # --- output ----------------------------------------------------------------------------------------

@@ -6,17 +6,19 @@ exactly R. On each (L, R) the benchmark measures
 
 * the forward + backward time of the guarded op with `paths="exact"` (fused SDPA kernels) and
   with `paths="lowrank"` (degree-g Taylor features, chunked causal scan), both compiled by
-  Inductor (`--compile eager` runs them eagerly), and the speedup exact / lowrank;
+  Inductor (`--compile eager` runs them eagerly), and the speedup exact / lowrank (each path's
+  time depends on L alone, so it is timed once per L; its compile time is reported per L);
 * on two kinds of inputs (q and k aligned along one direction, so that the largest logit nears R;
   and i.i.d. Gaussian), the errors of the low-rank path's output and dQ, dK, dV against float64 exact attention, in
   the normalisation of `lora_pass.guard.measured_errors` (the one the guard's bound is written
-  in), next to the bound `error_bounds(R, g)` and to the float32 exact path's own error;
+  in), next to the bound `error_bounds(R, g)` and to the float32 exact path's own error (the
+  float64 reference is computed REFERENCE_ROWS query rows at a time, so L = 32,768 fits);
 
 and draws them with the guard's threshold R_max(g, tolerance): below it the low-rank path is
 accurate, above it the error grows as the Taylor remainder does, which is the phase transition
 of Hu et al. (ICLR 2025) in the form the backend uses it.
 
-    python bench/phase_map.py                 # L in {256, 1024, 4096}, R in {0.05 .. 6.4}, d = 64
+    python bench/phase_map.py                 # L in {1,024 .. 32,768}, R in {0.05 .. 6.4}, d = 64
     python bench/phase_map.py --quick         # L in {128, 256}, R in {0.1, 3.2}, d = 16, eager
     python bench/phase_map.py --lengths 1024 8192 --bounds 0.1 0.2 0.4 --threads 1 --clock cpu
 
@@ -34,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py; also puts the checkout on sys.path)
 
-DEFAULT_LENGTHS = [256, 1024, 4096]
+DEFAULT_LENGTHS = [1024 * 2**i for i in range(6)]  # 1,024 .. 32,768: where the low-rank path pays off
+REFERENCE_ROWS = 512  # query rows per block of the float64 reference (an L x L matrix does not fit at 32,768)
 DEFAULT_BOUNDS = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
 QUICK = dict(lengths=[128, 256], bounds=[0.1, 3.2], head_dim=16, repeats=1, compile="eager")
 MIN_SAMPLE_S = 0.05  # a timing sample repeats short calls up to this long
@@ -58,15 +61,30 @@ def scaled_inputs(base: dict, target: float, scale: float):
 
 
 def reference(q, k, v, dout, *, scale: float, causal: bool) -> dict:
-    """float64 exact attention and its gradients (explicit L x L softmax)."""
+    """float64 exact attention and its gradients, REFERENCE_ROWS query rows at a time (each block
+    an explicit softmax over every key: the same numbers as the whole L x L matrix, in memory
+    O(rows x L)); dK and dV are the sums of the blocks' contributions."""
     import torch
 
-    from lora_pass.ops.naive import exact_attention
-
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = exact_attention(q64, k64, v64, scale=scale, causal=causal)
-    dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), dout.double())
-    return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+    k64, v64 = (t.detach().double().requires_grad_() for t in (k, v))
+    q64, do64 = q.detach().double(), dout.double()
+    length = q.shape[-2]
+    outs, dqs = [], []
+    dk, dv = torch.zeros_like(k64), torch.zeros_like(v64)
+    for start in range(0, length, REFERENCE_ROWS):
+        stop = min(start + REFERENCE_ROWS, length)
+        qb = q64[..., start:stop, :].clone().requires_grad_()
+        s = scale * qb @ k64.transpose(-1, -2)
+        if causal:  # row i of the block is query start + i: it sees keys 0 .. start + i
+            rows = torch.arange(start, stop, device=s.device)[:, None]
+            s = s.masked_fill(torch.arange(length, device=s.device)[None, :] > rows, float("-inf"))
+        out = torch.softmax(s, dim=-1) @ v64
+        gq, gk, gv = torch.autograd.grad(out, (qb, k64, v64), do64[..., start:stop, :])
+        outs.append(out.detach())
+        dqs.append(gq)
+        dk += gk
+        dv += gv
+    return {"out": torch.cat(outs, -2), "dq": torch.cat(dqs, -2), "dk": dk, "dv": dv}
 
 
 _OPS = {}  # path -> the op, opaque to Dynamo; read by the two entry points below
@@ -144,10 +162,16 @@ def max_logit(q, k, scale: float, causal: bool) -> float:
     from lora_pass.ops.naive import key_center
 
     with torch.no_grad():
-        s = scale * q.double() @ (k.double() - key_center(k.double(), None)).transpose(-1, -2)
-        if causal:
-            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), 0.0)
-        return float(s.abs().amax())
+        kc = (k.double() - key_center(k.double(), None)).transpose(-1, -2)
+        length, largest = q.shape[-2], 0.0
+        for start in range(0, length, REFERENCE_ROWS):  # REFERENCE_ROWS query rows at a time
+            stop = min(start + REFERENCE_ROWS, length)
+            s = scale * q[..., start:stop, :].double() @ kc
+            if causal:
+                rows = torch.arange(start, stop, device=s.device)[:, None]
+                s = s.masked_fill(torch.arange(length, device=s.device)[None, :] > rows, 0.0)
+            largest = max(largest, float(s.abs().amax()))
+        return largest
 
 
 def run_length(length: int, bounds: list[float], args, bar) -> tuple[list[dict], dict]:
@@ -188,12 +212,12 @@ def run_length(length: int, bounds: list[float], args, bar) -> tuple[list[dict],
                 errs = measured_errors({"out": out, "dq": dq, "dk": dk, "dv": dv}, ref, q, k, v, dout, scale=scale)
                 cell[f"{name}_errors"] = errs
                 cell[f"{name}_max_error"] = max(errs.values())
-                if kind == args.inputs[0]:  # the time does not depend on the values: time one input kind
+                if name not in timed:  # each path's time depends on L alone (not on R or the values): once per L
                     for _ in range(args.warmup):
                         step()
-                    timed[name, target] = common.timed_samples(step, args.repeats, sync, clock=args.clock,
-                                                               min_sample_s=MIN_SAMPLE_S)
-                timing = timed[name, target]
+                    timed[name] = common.timed_samples(step, args.repeats, sync, clock=args.clock,
+                                                       min_sample_s=MIN_SAMPLE_S)
+                timing = timed[name]
                 cell[f"{name}_ms"] = 1000 * timing["time_s"]
                 cell[f"{name}_other_load"] = timing["other_load"]
                 cell[f"{name}_contended"] = timing["contended"]
@@ -375,7 +399,7 @@ def write_markdown(path: Path, report: dict, png: bool) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 256 1024 4096)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 1024 .. 32768)")
     p.add_argument("--bounds", type=float, nargs="+", default=None, help="logit bounds R (default 0.05 .. 6.4)")
     p.add_argument("--head-dim", type=int, default=None, help="head dim d (default 64)")
     p.add_argument("--heads", type=int, default=1)
@@ -386,7 +410,7 @@ def parse_args(argv=None):
     p.add_argument("--inputs", nargs="+", choices=("aligned", "gaussian"), default=["aligned", "gaussian"],
                    help="input kinds (default both; the first is timed and drawn in the heatmap)")
     p.add_argument("--compile", choices=("inductor", "eager"), default=None, help="default inductor")
-    p.add_argument("--repeats", type=int, default=None, help="timing samples per cell (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timing samples per path and length (default 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

@@ -155,3 +155,31 @@ def test_attention_interleaved_growth_pairs_lengths_within_a_round():
     for bad in (["--interleave", "-1"], ["--growth-only", "--lengths", "1024"]):
         with pytest.raises(SystemExit):
             attention.parse_args(bad)
+
+
+def test_attention_model_path_smallest(tmp_path):
+    """--path model: the LoRA block compiled with the backend (guarded, every call on the low-rank
+    path: checked in the worker), with plain Inductor and without its attention; the model table
+    joins them with the op-level ratio and the compile times, and its goals are reported."""
+    report = run("attention.py", "--quick", "--path", "both", "--lengths", "320", "--causal", "true", "--heads", "2",
+                 "--threads", "1", "--wait-idle", "0", out=tmp_path, timeout=900)
+    (row,) = report["model_rows"]
+    assert not row["errors"], row["errors"]
+    assert row["length"] == 320 and row["causal"] is True
+    for key in ("block_exact_ms", "block_lowrank_ms", "block_rest_ms", "attention_speedup", "op_speedup",
+                "model_vs_op", "exact_compile_s", "lowrank_compile_s"):
+        assert row[key] is not None and row[key] > 0, key
+    lowrank = next(r for r in report["runs"] if r.get("path") == "model" and r["mode"] == "lowrank")
+    assert lowrank["site_paths"] == "guarded" and lowrank["path_counts"]["forward_exact"] == 0
+    assert any("model-path attention ratio" in goal for goal in report["goals"])
+    assert "Through a model compiled with the backend" in (tmp_path / "attention.md").read_text()
+
+
+def test_model_goals_compare_with_the_op_and_plain_inductor():
+    attention = _bench_module("attention")
+    row = {"causal": True, "length": 8192, "model_vs_op": 1.05, "compile_extra_s": 30.0, "lowrank_compile_s": 40.0}
+    goals = attention.check_model_goals([row, {**row, "length": 16384, "lowrank_compile_s": 45.0}])
+    assert all(v is True for k, v in goals.items() if "non-causal" not in k)
+    goals = attention.check_model_goals([{**row, "model_vs_op": 0.85}, {**row, "compile_extra_s": 75.0,
+                                                                         "lowrank_compile_s": 80.0}])
+    assert not any(v for v in goals.values())
