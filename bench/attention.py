@@ -126,17 +126,19 @@ def _inputs(spec: dict, length: int, device, dtype):
     return q, k, v, dout
 
 
-def _compiled(mode: str, causal: bool, device, dynamic=None):
+def _compiled(mode: str, causal: bool, device, dynamic=None, kernels: str = "auto"):
     """(compiled attention, telemetry buffer or None, Inductor settings) for `mode`.
 
     The low-rank op is compiled as the backend compiles a rewritten graph (lora_pass.op_backend:
     the Inductor settings it adds on CPU, its post-grad pass, subgraphs without donated inputs);
-    exact attention is plain SDPA under backend="inductor".
+    exact attention is plain SDPA under backend="inductor". `kernels`: the low-rank path's
+    implementation (AttentionConfig.kernels: "auto" takes the fused Triton kernels on CUDA, "scan"
+    the chunked scan).
     """
     import torch
     import torch.nn.functional as F
 
-    from lora_pass.backend import lowrank_inductor_defaults, op_backend
+    from lora_pass.lowering import lowrank_inductor_defaults, op_backend
     from lora_pass.guard import r_max
     from lora_pass.ops.attention import AttentionConfig, guarded_attention, new_stats
 
@@ -146,7 +148,7 @@ def _compiled(mode: str, causal: bool, device, dynamic=None):
             return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
 
         return torch.compile(model, backend="inductor", fullgraph=True, dynamic=dynamic), None, {}
-    cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE))
+    cfg = AttentionConfig(scale=scale, causal=causal, degree=DEGREE, r_max=r_max(DEGREE, TOLERANCE), kernels=kernels)
     stats = new_stats(device)
 
     # Opaque to Dynamo, traced by AOTAutograd and compiled by Inductor: the same route as
@@ -206,7 +208,7 @@ def run_worker(spec: dict) -> dict:
     q, k, v, dout = _inputs(spec, length, device, dtype)
     sync()
     base_rss = _rss_mb("VmRSS")
-    fn, stats, settings = _compiled(mode, causal, device)
+    fn, stats, settings = _compiled(mode, causal, device, kernels=spec.get("kernels", "auto"))
 
     def step():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
@@ -236,13 +238,16 @@ def run_worker(spec: dict) -> dict:
 # --- worker: the same attention through a model compiled with the backend ---------------------------
 
 MODEL_MODES = ("exact", "lowrank", "rest")
+QK_WEIGHT_STD = 0.08  # the block's q and k weights: std QK_WEIGHT_STD / sqrt(width) (lora_block)
 
 
 def lora_block(heads: int, causal: bool, seed: int = 0):
     """The attention block a user compiles: four `nn.Linear` of width H * 64 (q, k, v, out), PEFT
     LoRA (r = 8, alpha = 16) on q and v, `scaled_dot_product_attention` in between. Its q and k
-    weights are drawn small (std 0.1 / sqrt(width)) so that on unit-variance inputs the entries of
-    q and k have std 0.1, as in the op-level runs, and the guard passes."""
+    weights are drawn small (std 0.08 / sqrt(width)) so that on unit-variance inputs the entries of
+    q and k have std 0.08 and the guard passes at every length up to 32,768: R, a product of the
+    largest q and key norms, grows with L (0.16 at L = 1,024 to 0.195 at 8,192 with std 0.1,
+    against R_max = 0.1965; about 0.64 times that with 0.08)."""
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, inject_adapter_in_model
@@ -268,7 +273,7 @@ def lora_block(heads: int, causal: bool, seed: int = 0):
     width = heads * HEAD_DIM
     with torch.no_grad():
         for proj in (block.q_proj.base_layer, block.k_proj):
-            proj.weight.normal_(std=0.1 / width**0.5)
+            proj.weight.normal_(std=QK_WEIGHT_STD / width**0.5)
             proj.bias.zero_()
         for name, param in block.named_parameters():
             if "lora_B" in name:
@@ -331,7 +336,7 @@ def run_growth_worker(spec: dict) -> dict:
     device, dtype, sync = _setup(spec)
     lengths = sorted(spec["lengths"])
     # one static graph per length (dynamic shapes would compile the exact path only)
-    fn, stats, settings = _compiled("lowrank", spec["causal"], device, dynamic=False)
+    fn, stats, settings = _compiled("lowrank", spec["causal"], device, dynamic=False, kernels=spec.get("kernels", "auto"))
     steps = {}
     with torch._dynamo.config.patch(recompile_limit=len(lengths) + 1):
         for length in lengths:
@@ -649,7 +654,7 @@ def render_table(rows, fmt):
 
 
 def _settings_text(rows, key) -> str:
-    """The Inductor settings of the low-rank runs (lora_pass.backend.lowrank_inductor_defaults)."""
+    """The Inductor settings of the low-rank runs (lora_pass.lowering.lowrank_inductor_defaults)."""
     seen = {json.dumps(r.get(key) or {}, sort_keys=True) for r in rows}
     return "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(x).items()) or "none" for x in sorted(seen))
 
@@ -767,6 +772,9 @@ def parse_args(argv=None):
                         "times; both: each, in one table per path")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--lowrank-kernels", choices=("auto", "scan"), default="auto",
+                   help="the low-rank op's implementation: auto (fused Triton kernels on CUDA where they apply, "
+                        "the chunked scan elsewhere) or scan (the chunked scan everywhere)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU time, robust on a shared machine; use with --threads 1")
@@ -827,7 +835,7 @@ def main(argv=None):
     out_dir = args.out or ROOT / "bench" / "results" / machine_slug(device)
     common_spec = {"device": device, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
                    "repeats": args.repeats, "warmup": args.warmup, "qk_std": args.qk_std, "seed": args.seed,
-                   "threads": args.threads, "clock": args.clock}
+                   "threads": args.threads, "clock": args.clock, "kernels": args.lowrank_kernels}
     paths = {"op": ["op"], "model": ["model"], "both": ["op", "model"]}[args.path]
     specs = [
         {"path": path, "mode": mode, "causal": causal, "length": length, **common_spec}

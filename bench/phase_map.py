@@ -108,7 +108,7 @@ def make_path(paths: str, cfg_kw: dict, compile_mode: str, device_type: str = "c
     """
     import torch
 
-    from lora_pass.backend import lowrank_inductor_defaults, op_backend
+    from lora_pass.lowering import lowrank_inductor_defaults, op_backend
     from lora_pass.ops.attention import AttentionConfig, guarded_attention
 
     cfg = AttentionConfig(paths=paths, **cfg_kw)

@@ -4,51 +4,63 @@
     compiled = torch.compile(model, backend="lowrank_lora", options={"tolerance": 0.05})
 
 Public API: `lowrank_lora` (the backend), `inspect` and its `Report`, `Options`, `records()`,
-`sites()`, `telemetry()`, `guarded_attention` and `AttentionConfig` (the op), `op_backend` (a
-torch.compile backend for functions that call the op directly), `softmax_1`
+`sites()`, `telemetry()`, `reset()`, `guarded_attention` and `AttentionConfig` (the op),
+`op_backend` (a torch.compile backend for functions that call the op directly), `softmax_1`
 (outlier-free attention; `lora_pass.softmax_one.register_attention()` adds it to transformers).
+
+Importing the package loads nothing else: each name is imported when first used (PEP 562), so a
+user who only compiles never loads the report's networkx and tabulate, and Inductor is loaded
+when a graph is compiled.
 """
 
 from __future__ import annotations
 
-from .backend import lowrank_lora, op_backend
-from .ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention
-from .options import Options
-from .report import Report, inspect
-from .softmax_one import softmax_1
+import importlib
 
-__all__ = ["lowrank_lora", "op_backend", "inspect", "Report", "Options", "AttentionConfig", "guarded_attention",
-           "softmax_1", "records", "sites", "telemetry", "reset"]
+_EXPORTS = {
+    "lowrank_lora": "backend",
+    "op_backend": "lowering",
+    "inspect": "report",
+    "Report": "report",
+    "Options": "options",
+    "AttentionConfig": "ops.attention",
+    "guarded_attention": "ops.attention",
+    "STATS_FIELDS": "ops.attention",
+    "softmax_1": "softmax_one",
+    "records": "state",
+    "sites": "state",
+    "telemetry": "state",
+    "reset": "state",
+}
 
-
-def records():
-    """GraphRecords of every graph compiled by the backend in this process, oldest first."""
-    from .backend import _RECORDS
-
-    return list(_RECORDS)
-
-
-def sites():
-    """Every site rewritten in this process (since `reset()`), in compile order."""
-    from .backend import _SITE_MODULES
-
-    return [m.site for m in _SITE_MODULES.values()]
+__all__ = sorted(_EXPORTS)
 
 
-def telemetry():
-    """Per rewritten site (since `reset()`): its Site record and its counters (one host read each)."""
-    from .backend import _SITE_MODULES
-
-    out = []
-    for module in _SITE_MODULES.values():
-        stats = None if module.stats is None else dict(zip(STATS_FIELDS, module.stats.tolist()))
-        out.append((module.site, stats))
-    return out
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_pass' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-def reset():
-    """Forget the records of earlier compilations (the compiled models keep working)."""
-    from .backend import _RECORDS, _SITE_MODULES
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
-    _RECORDS.clear()
-    _SITE_MODULES.clear()
+
+def _register_without_entry_point() -> None:
+    """Register the backend now when Dynamo cannot find it through the package's entry point
+    (a source tree on sys.path that is not installed); an installed package loads lora_pass.backend
+    only when `backend="lowrank_lora"` is first looked up."""
+    from importlib import metadata
+
+    try:
+        found = any(ep.name == "lowrank_lora" for ep in metadata.entry_points(group="torch_dynamo_backends"))
+    except Exception:  # unreadable metadata: register to be safe
+        found = False
+    if not found:
+        importlib.import_module(".backend", __name__)
+
+
+_register_without_entry_point()

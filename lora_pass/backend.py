@@ -10,26 +10,12 @@ import warnings
 import torch
 import torch.fx as fx
 
-from . import compat, matcher
+from . import compat, ddp, matcher, state
+from .lowering import compile_rewritten, default_inductor_patches
 from .options import Options
-from .rewrite import AttentionSite, GraphRecord, rewrite_graph
+from .rewrite import GraphRecord, rewrite_graph
 
 log = logging.getLogger("lora_pass")
-
-#: One GraphRecord per graph compiled by this process, oldest first (see `lora_pass.records()`).
-_RECORDS: list[GraphRecord] = []
-#: Site modules by id. Strong references: the compiled code holds the stats buffers but not the
-#: graph module, which may be freed once compiled; `lora_pass.reset()` drops them.
-_SITE_MODULES: "dict[int, AttentionSite]" = {}
-#: Inductor settings the backend adds for a graph that compiles a low-rank path on CPU, under the
-#: user's `mode` and `options["inductor"]`, which override them (docs/design.md, "The C++ wrapper
-#: on CPU"): the chunk loops run in C++ instead of one Python call per kernel and step.
-LOWRANK_CPU_INDUCTOR = {"cpp_wrapper": True}
-#: Set by lora_pass.inspect: also capture the AOT graphs before and after the rewrite.
-_CAPTURE: list = []
-#: Node meta key: the q/k/v projections of an attention site, traced in the whole Dynamo graph
-#: before DistributedDataParallel's graph splitting could separate them from the attention.
-SPLIT_PROJECTIONS = "lowrank_lora_projections"
 
 
 def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **unused):
@@ -48,7 +34,7 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
     if unused:
         raise ValueError(f"lowrank_lora: unexpected arguments {sorted(unused)}; pass settings through options={{...}}")
     opts = Options.parse(options)
-    capture = bool(_CAPTURE)
+    capture = state.is_capturing()
     before = _copy_graph(gm) if capture else None
     snapshot = _Snapshot(gm)
     try:
@@ -83,64 +69,13 @@ def lowrank_lora(gm: fx.GraphModule, example_inputs, options=None, mode=None, **
             raise  # not the rewrite's doing
         record = _fall_back(gm, snapshot, record, f"compiling the rewritten graph failed: {exc!r}")
         compiled = compile_now(record)
-    _RECORDS.append(record)
+    modules = []
     for site in record.sites:
         module = gm.get_submodule(site.submodule)
         module.site = site
-        _SITE_MODULES[id(module)] = module
+        modules.append(module)
+    state.add_graph(record, modules)
     return compiled
-
-
-def compile_rewritten(gm: fx.GraphModule, example_inputs, patches: dict | None = None, *, rewritten: bool = True,
-                      inner_compile=None):
-    """Inductor's compile_fx with config `patches`. A `rewritten` graph (one holding the attention
-    op) is traced with cond and scan allowed in checkpointed regions
-    (`compat.control_flow_under_checkpoint`), lowered, forward and backward at once, under
-    `compat.rewritten_graph_lowering` (loop indices allowed, so every chunk loop stays a loop
-    whatever Dynamo's settings; subgraphs without donated inputs; Inductor's cond and while_loop
-    fixes), and gets the backend's post-grad pass (`compat.PostGradPass`): loop states
-    accumulated in place, and Inductor's FX-graph cache keyed on this package's sources, so that
-    no cached code compiled by another version of the op is reused. A
-    `post_grad_custom_pre_pass` in `patches` runs first, then the backend's
-    (`compat.with_post_grad_pass`). A graph without sites is compiled exactly as
-    `backend="inductor"` compiles it."""
-    patches = dict(patches or {})
-    if not rewritten:  # no inner_compile argument unless given: the call backend="inductor" makes
-        given = {} if inner_compile is None else {"inner_compile": inner_compile}
-        return compat.compile_fx(gm, example_inputs, config_patches=patches or None, **given)
-    patches["post_grad_custom_pre_pass"] = compat.with_post_grad_pass(patches.get("post_grad_custom_pre_pass"))
-    inner = compat.lowering_rewritten_graphs(inner_compile or compat.compile_fx_inner())
-    # the backward is lowered now, not at the first backward call: a failure there (the C++
-    # wrapper, a loop) reaches the backend's fallbacks instead of the user's training step
-    with compat.control_flow_under_checkpoint(), compat.force_eager_backward_compile():
-        return compat.compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
-
-
-def op_backend(patches: dict | None = None):
-    """A torch.compile backend that compiles a function calling the attention op directly (no
-    rewrite: bench/attention.py) as `lowrank_lora` compiles a rewritten graph: `compile_rewritten`
-    with Inductor config `patches` (e.g. `lowrank_inductor_defaults`)."""
-
-    def backend(gm, example_inputs):
-        return compile_rewritten(gm, example_inputs, patches)  # copies patches
-
-    return backend
-
-
-def default_inductor_patches(record: GraphRecord, example_inputs) -> dict:
-    """The Inductor settings the backend adds for this graph: LOWRANK_CPU_INDUCTOR when a site
-    compiles the low-rank path (paths "lowrank" or "guarded") and every tensor input is on CPU,
-    else none. The user's `mode` and `options["inductor"]` override them."""
-    lowrank = any(site.paths != "exact" for site in record.sites)
-    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    return lowrank_inductor_defaults(devices.pop()) if lowrank and len(devices) == 1 else {}
-
-
-def lowrank_inductor_defaults(device_type: str) -> dict:
-    """Inductor settings the backend adds to a graph that compiles a low-rank path on
-    `device_type` ("cpu": LOWRANK_CPU_INDUCTOR; other devices: none). bench/attention.py compiles
-    the op with them, as the backend would."""
-    return dict(LOWRANK_CPU_INDUCTOR) if device_type == "cpu" else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +103,7 @@ def _rewrite(gm: fx.GraphModule, opts: Options, example_inputs) -> GraphRecord:
 def _rewrite_one(gm: fx.GraphModule, opts: Options, example_inputs) -> GraphRecord:
     """rewrite_graph, then a second pass for attention whose LoRA projections DDP split off."""
     record = rewrite_graph(gm, opts, example_inputs)
-    if opts.require_lora and _split_candidates(gm):
+    if opts.require_lora and ddp.split_candidates(gm):
         second = rewrite_graph(gm, dataclasses.replace(opts, require_lora=False), example_inputs)
         for site in second.sites:
             site.index = len(record.sites)
@@ -176,58 +111,8 @@ def _rewrite_one(gm: fx.GraphModule, opts: Options, example_inputs) -> GraphReco
         rewritten = {site.module for site in second.sites}
         record.skipped = [s for s in record.skipped if s.module not in rewritten]
         record.graph_after = gm.code
-    _complete_projections(gm, record)
+    ddp.complete_projections(gm, record)
     return record
-
-
-def _complete_projections(gm: fx.GraphModule, record: GraphRecord) -> None:
-    """Where DDP split a site's LoRA projection off its attention, the site records the
-    projection as traced in the whole graph (telemetry norms stay those of the visible part)."""
-    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    for site in record.sites:
-        node = calls.get(site.submodule)
-        traced = node.meta.get(SPLIT_PROJECTIONS) if node is not None else None
-        if not traced:
-            continue
-        completed = [name for name, p in site.projections.items() if not p.adapted and traced[name].adapted]
-        for name in completed:
-            site.projections[name] = dataclasses.replace(traced[name])
-        if completed:
-            site.decision += "; LoRA projections traced before DistributedDataParallel split the graph"
-
-
-def _split_candidates(gm: fx.GraphModule) -> bool:
-    """True when every attention left in `gm` without a visible LoRA projection had one in the
-    whole graph (DDP split it off); a second pass without require_lora then rewrites exactly those."""
-    from .rewrite import _candidates
-
-    found = False
-    for cand in _candidates(gm.graph):
-        if any(matcher.trace_projection(x).adapted for x in (cand.q, cand.k, cand.v)):
-            continue  # skipped for another reason, which the second pass finds again
-        traced = cand.output.meta.get(SPLIT_PROJECTIONS)
-        if not traced or not any(p.adapted for p in traced.values()):
-            return False  # not adapted in the whole graph either: require_lora must stay on
-        found = True
-    return found
-
-
-def annotate_projections(gm: fx.GraphModule) -> None:
-    """Record on each attention node the projections traced in the whole graph.
-
-    Called (compat.annotate_before_ddp_split) before DistributedDataParallel's DDPOptimizer
-    splits the Dynamo graph at bucket boundaries: a split between a LoRA projection and its
-    attention would otherwise hide the LoRA from the rewrite of the attention's part.
-    """
-    from .rewrite import _candidates
-
-    for cand in _candidates(gm.graph):
-        projections = {}
-        for name, x in zip("qkv", (cand.q, cand.k, cand.v)):
-            proj = matcher.trace_projection(x)
-            proj.nodes = {}  # plain data: the meta is copied into the split graphs
-            projections[name] = proj
-        cand.output.meta[SPLIT_PROJECTIONS] = projections
 
 
 def _checkpoint_bodies(gm: fx.GraphModule):
@@ -333,7 +218,7 @@ def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _region(gm: fx.GraphModule, site):
     """The site's region graph, from the graph module (a checkpointed region's) that calls it."""
-    from .report import region_graph
+    from .regions import region_graph
 
     owner, _, local = site.submodule.rpartition(".")
     return region_graph(gm.get_submodule(owner) if owner else gm, dataclasses.replace(site, submodule=local))
@@ -360,4 +245,4 @@ def _compile_capturing(gm, before, example_inputs, record, patches):
 
 
 compat.register_backend_once(lowrank_lora, "lowrank_lora")
-compat.annotate_before_ddp_split(annotate_projections, lowrank_lora)
+ddp.annotate_before_ddp_split(ddp.annotate_projections, lowrank_lora)

@@ -137,7 +137,3 @@ def crossover_length(head_dim: int, degree: int, device_type: str, causal: bool)
     base = CROSSOVER_D64_G2.get((device_type, causal), CROSSOVER_D64_G2[("cuda", causal)])
     return int(math.ceil(base * feature_rank(head_dim, degree) / feature_rank(64, 2)))
 
-
-def lowrank_worth_it(length: int, head_dim: int, degree: int, device_type: str, causal: bool) -> bool:
-    """Static half of mode="auto": is the low-rank path worth compiling for these shapes?"""
-    return length >= crossover_length(head_dim, degree, device_type, causal)

@@ -3,7 +3,7 @@
 Hugging Face builds its masks from position indices: `kv_idx <= q_idx` for causal attention,
 `q_idx >= 0` (always true) for bidirectional attention, the key positions gathered from
 `position_ids`, all of them `arange`s of the sequence length broadcast into [B, H, Lq, Lk].
-With static shapes such a part is a constant, evaluated once (matcher.decompose_mask). With
+With static shapes such a part is a constant, evaluated once (masks.decompose_mask). With
 dynamic shapes the lengths are symbols, the part reads them, and it has no value at compile time.
 
 This module reads the part's graph instead. Every integer tensor it meets is an affine function

@@ -12,13 +12,15 @@ import torch
 import torch.fx as fx
 
 from . import compat, guard, matcher
+from .masks import MaskPlan, decompose_mask
 from .guard import norm_bound
 from .ops.attention import AttentionConfig, guarded_attention, new_stats, record_forward, record_norms
 from .ops.features import feature_rank
 from .options import Options
-from .patterns import FAMILIES
+from . import patterns
 
 log = logging.getLogger("lora_pass")
+compat.register_torch_logs()  # TORCH_LOGS="lowrank_lora" and "lowrank_lora_graphs"
 graph_log = compat.artifact_logger(__name__, "lowrank_lora_graphs")
 
 
@@ -28,7 +30,7 @@ class AttentionSite(torch.nn.Module):
     With `paths == "exact"` the site keeps plain SDPA (with the model's own mask), so Inductor
     lowers it exactly as it would without the backend; with telemetry on, the bound R and the
     counters are added. `factor_kinds` names the per-key mask factors ("bool" or "additive",
-    see matcher.MaskPlan) that the low-rank path turns into key weights.
+    see masks.MaskPlan) that the low-rank path turns into key weights.
     `norm_inputs` (telemetry only): x, W0, b, lora_A, lora_B of the q and k projections; W0 is
     None where it is frozen, its norm then being measured once at compile time (`frozen_norms`).
     """
@@ -45,7 +47,7 @@ class AttentionSite(torch.nn.Module):
         key_weight = _key_weight(factors, self.factor_kinds, q, k)
         if self.stats is not None and norm_inputs:
             record_norms(self.stats, self._composed_norms(*norm_inputs))
-        if cfg.paths != "exact" or cfg.softmax_one:  # SDPA has no softmax_1: the op's exact path
+        if cfg.paths != "exact" or not cfg.sdpa_equivalent:  # SDPA cannot compute it: the op's exact path
             return guarded_attention(q, k, v, cfg, self.stats, key_weight=key_weight)
         # the model's own mask where it has runtime parts; a constant causal mask became is_causal
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -154,11 +156,11 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
     qv = matcher.meta_value(cand.q)
     if not qv.dtype.is_floating_point:
         return skip(f"dtype {qv.dtype}")
-    mask = matcher.MaskPlan(causal=cand.causal)
+    mask = MaskPlan(causal=cand.causal)
     if cand.mask is not None:
         mv = matcher.meta_value(cand.mask)
-        additive = cand.family != "sdpa" or (mv is not None and mv.dtype != torch.bool)
-        mask = matcher.decompose_mask(cand.mask, lq, lk, additive)
+        additive = cand.mask_kind == "additive" or (mv is not None and mv.dtype != torch.bool)
+        mask = decompose_mask(cand.mask, lq, lk, additive)
         if mask.reason:
             return skip(mask.reason)
         mask.causal = mask.causal or cand.causal
@@ -194,7 +196,7 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
             paths, decision = "exact", f"L={lq} < crossover {crossover}: exact is faster"
     site = matcher.Site(
         index=index, module=module, family=cand.family, projections=projections, causal=causal,
-        mask="padding" if mask.factors else ("causal" if causal else "none"),
+        mask=mask.kind,
         batch=_dim(b), heads=hq, kv_heads=hkv, seq_len=_dim(lq), head_dim=d, scale=scale,
         degree=opts.degree, feature_rank=feature_rank(d, opts.degree), r_max=opts.r_max,
         paths=paths, decision=decision, min_length=min_length,
@@ -204,11 +206,9 @@ def _plan(cand: matcher.Candidate, opts: Options, index: int):
 
 def _candidates(graph: fx.Graph):
     for node in list(graph.nodes):
-        for family in FAMILIES:
-            cand = family.match(node)
-            if cand is not None:
-                yield _without_repeat_kv(cand)
-                break
+        cand = patterns.match(node)
+        if cand is not None:
+            yield _without_repeat_kv(cand)
 
 
 def _without_repeat_kv(cand: matcher.Candidate) -> matcher.Candidate:
@@ -288,12 +288,12 @@ def _norm_args(graph: fx.Graph, proj: matcher.Projection, frozen):
     return (nodes["x"], weight, bias, nodes.get("lora_a"), lora_b)
 
 
-def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.MaskPlan, opts: Options, values=None):
+def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: MaskPlan, opts: Options, values=None):
     qv = matcher.meta_value(cand.q)
     symbolic = site.scale == matcher.SYMBOLIC
     config = AttentionConfig(scale=1.0 if symbolic else site.scale, causal=site.causal, degree=site.degree,
-                             r_max=site.r_max, paths=site.paths, softmax_one=cand.softmax_one,
-                             min_length=site.min_length)
+                             r_max=site.r_max, paths=site.paths, min_length=site.min_length,
+                             **cand.normaliser)
     pq, pk = site.projections["q"], site.projections["k"]
     # the composed norms are scaled by the logit scale: not traced where it is symbolic
     telemetry_norms = opts.telemetry and pq.nodes and pk.nodes and not symbolic
@@ -311,7 +311,7 @@ def _replace(gm: fx.GraphModule, cand: matcher.Candidate, site, mask: matcher.Ma
         name += "_"
     # exact sites keep the model's own mask where it has runtime parts (padding); the low-rank
     # path needs only the per-key factors, so the L x L mask is then no longer built
-    keep_mask = cand.mask if site.paths == "exact" and mask.factors and not cand.softmax_one else None
+    keep_mask = cand.mask if site.paths == "exact" and mask.factors and config.sdpa_equivalent else None
     # Transactional: everything that can fail runs before the graph's existing nodes change, and
     # a failure removes what this site added, so the other sites' rewrites still compile.
     before = set(gm.graph.nodes)

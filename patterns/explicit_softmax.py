@@ -14,6 +14,8 @@ import torch
 from lora_pass.matcher import SYMBOLIC, Candidate, arg, factor_value, is_call, is_method
 
 FAMILY = "explicit_softmax"
+NORMALISER = {}  # ordinary softmax
+MASK = "additive"  # the mask is added to the logits, whatever its dtype
 MATMUL = {torch.matmul, operator.matmul}
 SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 
@@ -39,7 +41,7 @@ def match(node) -> Candidate | None:
     return match_chain(node, _is_softmax, FAMILY)
 
 
-def match_chain(node, is_normaliser, family: str, **candidate_fields) -> Candidate | None:
+def match_chain(node, is_normaliser, family: str) -> Candidate | None:
     """The chain above with the normaliser recognised by `is_normaliser` (softmax or softmax_1)."""
     if not is_call(node, MATMUL):
         return None
@@ -86,5 +88,4 @@ def match_chain(node, is_normaliser, family: str, **candidate_fields) -> Candida
     for prev, user in zip(chain[1:], chain[:-1]):
         if not _only_user(prev, user):
             reason = reason or f"intermediate {prev.name} has another consumer"
-    return Candidate(family, node, q, k, v, scale, False, mask, chain, reason, symbolic_scale=symbolic_scale,
-                     **candidate_fields)
+    return Candidate(family, node, q, k, v, scale, False, mask, chain, reason, symbolic_scale=symbolic_scale)

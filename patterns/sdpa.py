@@ -7,6 +7,8 @@ import torch
 from lora_pass.matcher import Candidate, arg, is_call
 
 FAMILY = "sdpa"
+NORMALISER = {}  # ordinary softmax
+MASK = "by_dtype"  # a bool attn_mask selects keys, a float one is added to the logits
 TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 
 

@@ -1,7 +1,7 @@
 """matmul(q, k^T) * scale [+ mask] -> softmax_1(-1) [-> .to] [-> dropout] -> matmul(., v).
 
 Outlier-free attention (lora_pass.softmax_one): the explicit chain of `explicit_softmax` with
-`torch.ops.lora_pass.softmax_1` as the normaliser. The site runs with
+`torch.ops.lora_pass.softmax_1` as the normaliser. NORMALISER sets
 `AttentionConfig(softmax_one=True)`: the extra 1 of the denominator is a null key of logit 0.
 """
 
@@ -15,6 +15,8 @@ from lora_pass.matcher import arg, is_call
 from .explicit_softmax import match_chain
 
 FAMILY = "softmax_1"
+NORMALISER = {"softmax_one": True}  # softmax_1: e^{s_ij} / (1 + sum_l e^{s_il})
+MASK = "additive"
 TARGETS = {torch.ops.lora_pass.softmax_1, torch.ops.lora_pass.softmax_1.default}
 
 
@@ -23,4 +25,4 @@ def _is_softmax_one(node) -> bool:
 
 
 def match(node):
-    return match_chain(node, _is_softmax_one, FAMILY, softmax_one=True)
+    return match_chain(node, _is_softmax_one, FAMILY)

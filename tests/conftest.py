@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 
 def tiny_opt(attn="sdpa", targets=("q_proj", "v_proj"), layers=2, hidden=32, heads=2, seq=64,
@@ -41,7 +42,7 @@ def tiny_opt(attn="sdpa", targets=("q_proj", "v_proj"), layers=2, hidden=32, hea
 def calls_op(code: str, name: str) -> bool:
     """Does Inductor's generated code call the custom op `lora_pass::<name>`? The Python wrapper
     calls `torch.ops.lora_pass.<name>`, the C++ wrapper (the backend's default on CPU when a
-    low-rank path is compiled, see lora_pass.backend.LOWRANK_CPU_INDUCTOR) the dispatcher by name."""
+    low-rank path is compiled, see lora_pass.lowering.LOWRANK_CPU_INDUCTOR) the dispatcher by name."""
     return f"torch.ops.lora_pass.{name}" in code or f'aoti_torch_call_dispatcher("lora_pass::{name}"' in code
 
 
@@ -170,3 +171,20 @@ def lora_block(block_class) -> torch.nn.Module:
         block.k_proj.weight.mul_(0.05)
     init_lora_b(block)
     return block
+
+
+class LoraAttention(torch.nn.Module):
+    """A bare attention block for mask cases, adapted with PEFT by `conftest.lora_block`."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x, mask=None, constant_mask=None):
+        b, length, d = x.shape
+        shape = (b, length, self.heads, d // self.heads)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if constant_mask == "triu":
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, length, d)

@@ -94,8 +94,7 @@ def _patches_for(monkeypatch, options, fail_with=None, calls=None):
     compiled with `options` (compile_fx replaced: nothing is compiled), and the graph records.
     `fail_with`: a patch name whose presence makes the fake compile_fx raise; `calls`: the list
     to record into."""
-    from tests.conftest import lora_block
-    from tests.test_negative import LoraAttention
+    from tests.conftest import LoraAttention, lora_block
 
     calls = [] if calls is None else calls
 
@@ -113,7 +112,7 @@ def _patches_for(monkeypatch, options, fail_with=None, calls=None):
 
 
 def test_cpp_wrapper_is_the_default_where_a_lowrank_path_compiles_on_cpu(monkeypatch):
-    from lora_pass.backend import LOWRANK_CPU_INDUCTOR
+    from lora_pass.lowering import LOWRANK_CPU_INDUCTOR
 
     for options in ({"mode": "lowrank"}, {"crossover": 0}):  # paths "lowrank" and "guarded"
         calls, records = _patches_for(monkeypatch, options)

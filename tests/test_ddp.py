@@ -222,7 +222,7 @@ def test_ddp_graph_split_between_lora_and_attention_keeps_the_sites(runs, refere
     """Buckets of one LoRA matrix make DDPOptimizer (optimize_ddp="ddp_optimizer", the default)
     split the graph into pieces compiled separately, some with an attention whose LoRA
     projections are in another piece. The backend traces the projections in the whole graph
-    before the split (compat.annotate_before_ddp_split), so both sites are still rewritten and
+    before the split (ddp.annotate_before_ddp_split), so both sites are still rewritten and
     record their LoRA projections; training equals the single-process run."""
     params, recorded = _result(runs, "ddp_split")
     assert recorded["graphs"] > 1  # the graph was split

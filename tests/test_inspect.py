@@ -62,7 +62,10 @@ def test_report_graphs_before_and_after(report):
 def test_report_saved_files_parse_back(report):
     _, rep, out = report
     data = json.loads((out / "sites.json").read_text())
-    assert len(data["sites"]) == LAYERS and data == json.loads(json.dumps(rep.to_dict()["sites"] and {"sites": rep.sites, "skipped": rep.skipped}, default=str))
+    assert len(data["sites"]) == LAYERS
+    expected = {key: value for key, value in rep.to_dict().items() if key in ("sites", "skipped")}
+    assert data == json.loads(json.dumps(expected, default=str))
+    assert rep.to_dict()["graphs"] == rep.graphs and set(rep.to_dict()) == {"sites", "skipped", "graphs"}
     for name in rep.graphs:
         code = (out / "graphs" / f"{name}.py").read_text()
         compile(code, name, "exec")  # readable, valid Python

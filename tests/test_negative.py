@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lora_pass
-from tests.conftest import lora_block, tiny_opt
+from tests.conftest import LoraAttention, lora_block, tiny_opt
 
 
 def compiled_records(model, *args, options=None, **kwargs):
@@ -61,23 +60,6 @@ def test_returned_attention_weights_are_another_consumer(ids):
     _, records = compiled_records(model, input_ids=ids, use_cache=False, output_attentions=True)
     assert sum(len(r.sites) for r in records) == 0
     assert len(reasons(records)) == 2 and all("another consumer" in r for r in reasons(records))
-
-
-class LoraAttention(torch.nn.Module):
-    """A bare attention block for mask cases, adapted with PEFT by `conftest.lora_block`."""
-
-    def __init__(self, d=16, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d, d) for _ in range(3))
-
-    def forward(self, x, mask=None, constant_mask=None):
-        b, length, d = x.shape
-        shape = (b, length, self.heads, d // self.heads)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if constant_mask == "triu":
-            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu()
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, length, d)
 
 
 def test_arbitrary_runtime_float_mask_is_skipped():

@@ -134,7 +134,7 @@ def test_lengths_across_chunk_boundaries_compile_at_most_twice():
     recompile limit is set to 2 and made an error, so a third compilation would fail the test."""
     from lora_pass.guard import error_bounds
     from lora_pass.ops.lowrank import chunk_size
-    from tests.conftest import CountingBackend, assert_grads_close, rel_err
+    from tests.conftest import CountingBackend, rel_err
 
     torch._dynamo.reset()
     lora_pass.reset()

@@ -3,10 +3,15 @@
     out = guarded_attention(q, k, v, config, stats, key_weight=None)
 
 Forward: R = norm_bound(q, k) in the graph; pred = R <= R_max (False for NaN/Inf);
-compat.cond(pred, low-rank forward, exact forward). Backward: torch.cond on the same saved pred,
+control_flow.cond(pred, low-rank forward, exact forward). Backward: cond on the same saved pred,
 so the gradient is always that of the path the forward took. Both branches are traced, so
 Inductor compiles them (C++ on CPU, Triton on GPU); nothing breaks the graph and nothing
 depends on the data at trace time, so steps do not recompile.
+
+The low-rank branch is the chunked scan of ops/lowrank.py on CPU (and wherever the fused kernels
+do not apply), and the fused Triton kernels of ops/lowrank_triton.py on CUDA (`_fused_kernels`:
+degree 1 or 2, sm80+; `AttentionConfig.kernels="scan"` keeps the scan). The exact branch calls the
+kernel scaled_dot_product_attention itself would pick (ops/exact.py).
 
 With `AttentionConfig.softmax_one`, both paths compute softmax_1 ("outlier-free") attention,
 softmax_1(s)_ij = e^{s_ij} / (1 + sum_l e^{s_il}): ordinary softmax with a null key of logit 0 and
@@ -23,8 +28,9 @@ import math
 
 import torch
 
-from .. import compat
+from . import control_flow
 from ..guard import norm_bound
+from ..guard import r_max as r_max_bound
 from .exact import exact_attention_backward, exact_attention_forward
 from .features import FeatureTensors
 from .layout import heads_inner, like, row_major
@@ -48,17 +54,31 @@ STATS_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Static description of one site, fixed at compile time."""
+    """Static description of one site, fixed at compile time.
+
+    `r_max` defaults to the guard's bound for degree 2 at the backend's default tolerance 0.05
+    (`guard.r_max(2, 0.05)`), so a guarded config built with defaults can take the low-rank path;
+    pass the value of your own degree and tolerance with them.
+    """
 
     scale: float
     causal: bool
     degree: int = 2
-    r_max: float = 0.0
+    r_max: float = dataclasses.field(default_factory=lambda: r_max_bound(2, 0.05))
     paths: str = "guarded"  # "guarded" (cond on the guard), "lowrank" (always), "exact" (always)
     softmax_one: bool = False  # softmax_1 attention: e^{s_ij} / (1 + sum_l e^{s_il})
     # "guarded": the low-rank branch also needs L >= min_length, checked per call (a symbolic
     # length, where the cost model's crossover cannot be decided at compile time)
     min_length: int = 0
+    # the low-rank path's implementation: "auto" (the fused Triton kernels of ops/lowrank_triton.py
+    # on CUDA where they apply, else the chunked scan of ops/lowrank.py), "scan" (always the scan)
+    kernels: str = "auto"
+
+    @property
+    def sdpa_equivalent(self) -> bool:
+        """Whether the exact attention of this config is what scaled_dot_product_attention
+        computes (ordinary softmax), so an exact site can stay plain SDPA."""
+        return not self.softmax_one
 
 
 def new_stats(device) -> torch.Tensor:
@@ -114,6 +134,18 @@ def _(stats, lowrank, grad):
     return None
 
 
+def _fused_kernels(cfg: AttentionConfig, q, k):
+    """ops/lowrank_triton.py where the low-rank path runs as fused Triton kernels (CUDA, sm80+,
+    degree 1 or 2, a supported head dim and dtype, `cfg.kernels == "auto"`), else None: the scan
+    path. Decided from static properties, so forward and backward agree; Triton is imported only
+    for CUDA tensors."""
+    if cfg.kernels != "auto" or q.device.type != "cuda":
+        return None
+    from . import lowrank_triton
+
+    return lowrank_triton if lowrank_triton.supported(q, k, cfg.degree) else None
+
+
 def _branches(cfg: AttentionConfig, has_weight: bool):
     """Forward and backward of both paths as functions of tensors only (cond operands).
 
@@ -133,8 +165,12 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
     # would cast its products back to bfloat16 / float16, so it runs with autocast off
     def lowrank_fwd(q, k, v, *rest):
         w, tables = split(rest)
+        fused = _fused_kernels(cfg, q, k)
         with torch.autocast(q.device.type, enabled=False):
-            out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
+            if fused is not None:
+                out = fused.lowrank_attention_forward_triton(q, k, v, key_weight=w, degree=cfg.degree, **kw)
+            else:
+                out = lowrank_attention_forward(q, k, v, key_weight=w, degree=cfg.degree, tables=tables, **kw)
         # placeholder logsumexp, of the exact branch's dtype (float64 for float64 inputs)
         return like(out, q), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
 
@@ -144,9 +180,14 @@ def _branches(cfg: AttentionConfig, has_weight: bool):
 
     def lowrank_bwd(dout, q, k, v, out, lse, *rest):
         w, tables = split(rest)
+        fused = _fused_kernels(cfg, q, k)
         with torch.autocast(q.device.type, enabled=False):
-            grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=w, degree=cfg.degree, tables=tables,
-                                               **kw)
+            if fused is not None:
+                grads = fused.lowrank_attention_backward_triton(dout, q, k, v, out, key_weight=w, degree=cfg.degree,
+                                                                **kw)
+            else:
+                grads = lowrank_attention_backward(dout, q, k, v, out, key_weight=w, degree=cfg.degree,
+                                                   tables=tables, **kw)
         return tuple(heads_inner(g) for g in grads)
 
     def exact_bwd(dout, q, k, v, out, lse, *rest):
@@ -207,7 +248,7 @@ class GuardedAttention(torch.autograd.Function):
                 pred = bound <= cfg.r_max
                 if cfg.min_length:
                     pred = pred & (q.new_full((), q.shape[2], dtype=torch.int64) >= cfg.min_length)
-                out, lse = compat.cond(pred, lowrank_fwd, exact_fwd, (q, k, v, *extra, *tables))
+                out, lse = control_flow.cond(pred, lowrank_fwd, exact_fwd, (q, k, v, *extra, *tables))
         if stats is not None:
             record_forward(stats, bound, pred)
         ctx.cfg, ctx.has_weight, ctx.stats = cfg, key_weight is not None, stats
@@ -227,7 +268,7 @@ class GuardedAttention(torch.autograd.Function):
         elif cfg.paths == "lowrank":
             dq, dk, dv = lowrank_bwd(*args)
         else:
-            dq, dk, dv = compat.cond(pred, lowrank_bwd, exact_bwd, args)
+            dq, dk, dv = control_flow.cond(pred, lowrank_bwd, exact_bwd, args)
         if ctx.stats is not None:
             record_backward(ctx.stats, pred, dout)
         return dq, dk, dv, None, None, None

@@ -1,9 +1,11 @@
 """Exact attention as explicit forward and backward kernels, for the guarded op.
 
-Inside `torch.cond` the backward cannot be left to autograd, so the exact branch calls the same
-fused ATen kernels that Inductor's own SDPA lowering uses: the flash kernel on CPU, the
-memory-efficient kernel on CUDA (which takes masks and float32), and an explicit softmax
-elsewhere. Each forward returns (out, logsumexp) and the backward takes them back. The logsumexp
+Inside `torch.cond` the backward cannot be left to autograd, so the exact branch calls the fused
+ATen kernel that scaled_dot_product_attention itself would pick for the same inputs
+(`sdpa_kernel`): on CPU the flash kernel (math where torch would take it), on CUDA the flash
+kernel where it applies (bf16 / fp16, no mask), else the memory-efficient kernel (masks,
+float32), else an explicit softmax. Each forward returns (out, logsumexp) and the backward takes
+them back. The logsumexp
 is float64 for float64 inputs (the CPU kernel's backward takes it in the inputs' dtype), float32
 otherwise.
 
@@ -18,6 +20,8 @@ masked) gives sigma = 0 and an output of 0.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -50,18 +54,76 @@ def additive_mask(key_weight, q):
     return torch.log(key_weight.to(q.dtype))[:, None, None, :]
 
 
+#: The kernels the exact branch implements (forward and backward), in SDPA's order of preference;
+#: SDPA's choice among them is `sdpa_kernel`'s answer (cuDNN attention, which SDPA may prefer on
+#: some GPUs, is not among them: its next choice is taken).
+KERNELS = ("flash", "efficient", "math")
+
+
+def _hint(n) -> int:
+    """A size as an int: a symbolic size's hint (dynamic shapes), else the size."""
+    if isinstance(n, torch.SymInt):
+        hint = n.node.hint
+        return int(hint) if hint is not None else 1
+    return int(n)
+
+
+def sdpa_kernel(q, k, v, mask, causal: bool, scale) -> str:
+    """The kernel ("flash", "efficient" or "math") that F.scaled_dot_product_attention picks for
+    these inputs among `KERNELS`: torch's own choice (`torch._fused_sdp_choice`, which checks
+    the device, dtype, head dim, mask and alignment), with the kernels the branch does not
+    implement disabled.
+
+    The choice is asked on real tensors of the inputs' device, dtype, head dim and lengths (one
+    batch, one head) outside every dispatch mode: under the fake mode of a trace torch answers
+    "math" whatever the inputs, while at run time the same SDPA call takes a fused kernel. The
+    answer depends on metadata alone and is computed once per combination (`_choice`).
+    """
+    device = q.device
+    return _choice(device.type, device.index, q.dtype, (_hint(q.shape[2]), _hint(q.shape[3])),
+                   (_hint(k.shape[2]), _hint(k.shape[3])), (_hint(v.shape[2]), _hint(v.shape[3])),
+                   None if mask is None else (mask.dtype, _hint(mask.shape[-1])), bool(causal), scale)
+
+
+@torch.compiler.assume_constant_result
+def _choice(*metadata) -> str:
+    """`sdpa_kernel` on metadata only: a constant to Dynamo, computed once per combination."""
+    return _choice_cached(*metadata)
+
+
+@functools.lru_cache(maxsize=256)
+def _choice_cached(device_type, device_index, dtype, q_shape, k_shape, v_shape, mask, causal, scale) -> str:
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as allowed_kernels
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    chosen = {int(SDPBackend.FLASH_ATTENTION): "flash", int(SDPBackend.EFFICIENT_ATTENTION): "efficient",
+              int(SDPBackend.MATH): "math"}
+    device = torch.device(device_type, device_index)
+    with _disable_current_modes():
+        q, k, v = (torch.empty((1, 1, *shape), dtype=dtype, device=device) for shape in (q_shape, k_shape, v_shape))
+        m = None if mask is None else torch.zeros((1, 1, 1, mask[1]), dtype=mask[0], device=device)
+        with allowed_kernels([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            choice = torch._fused_sdp_choice(q, k, v, m, 0.0, causal, scale=scale)
+    return chosen.get(int(choice), "math")
+
+
 def exact_attention_forward(q, k, v, *, scale, causal, key_weight=None, softmax_one=False):
     """(out [B, Hq, L, D], logsumexp [B, Hq, L]) of softmax attention (softmax_1 attention with
     `softmax_one`; the logsumexp is that of the ordinary softmax in both cases)."""
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     mask = additive_mask(key_weight, q)
-    if q.device.type == "cpu":
+    if q.device.type == "cuda" and sdpa_kernel(q, k, v, mask, causal, scale) == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        lse = lse.to(_lse_dtype(q))
+        return (_null_factor(lse, out) if softmax_one else out), lse
+    if q.device.type == "cpu" and sdpa_kernel(q, k, v, mask, causal, scale) != "math":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
         lse = lse.to(_lse_dtype(q))
         return (_null_factor(lse, out) if softmax_one else out), lse
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and sdpa_kernel(q, k, v, mask, causal, scale) == "efficient":
         bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale
@@ -80,13 +142,21 @@ def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weig
     heads = k.shape[1]
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     mask = additive_mask(key_weight, q)
-    if softmax_one and q.device.type in ("cpu", "cuda"):
+    kernel = sdpa_kernel(q, k, v, mask, causal, scale) if q.device.type in ("cpu", "cuda") else "math"
+    if softmax_one and kernel != "math":
         dout = _null_factor(lse, dout)  # dO' = sigma(lse) dO, with O' = O1 (module docstring)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and kernel != "math":
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
         )
-    elif q.device.type == "cuda":
+    elif q.device.type == "cuda" and kernel == "flash":
+        empty = q.new_empty(0, dtype=torch.int32)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: not read
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.float(), empty, empty, q.shape[2], k.shape[2], 0.0, causal, seed, seed,
+            scale=scale,
+        )
+    elif q.device.type == "cuda" and kernel == "efficient":
         bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         pad = (-q.shape[2]) % 32
         lse_padded = torch.nn.functional.pad(lse, (0, pad)) if pad else lse
@@ -101,10 +171,11 @@ def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weig
 
 
 def _math_forward(q, k, v, scale, causal, mask, softmax_one=False):
-    """Explicit-softmax forward (devices without a fused kernel); k, v already expanded."""
+    """Explicit-softmax forward (where SDPA would take its math kernel), in float32 (float64 for
+    float64 inputs); k, v already expanded."""
     s = _logits(q, k, scale, causal, mask)
     lse = torch.logsumexp(s, dim=-1)
-    return (torch.exp(s - _normaliser(lse, softmax_one)[..., None]) @ v.float()).to(q.dtype), lse
+    return (torch.exp(s - _normaliser(lse, softmax_one)[..., None]) @ v.to(lse.dtype)).to(q.dtype), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, scale, causal, mask, softmax_one=False):
@@ -114,11 +185,12 @@ def _math_backward(dout, q, k, v, out, lse, scale, causal, mask, softmax_one=Fal
     both with O the forward's output (module docstring).
     """
     p = torch.exp(_logits(q, k, scale, causal, mask) - _normaliser(lse, softmax_one)[..., None])
-    do = dout.float()
+    acc = _lse_dtype(q)
+    do = dout.to(acc)
     dv = p.transpose(-1, -2) @ do
-    dp = do @ v.float().transpose(-1, -2)
-    ds = p * (dp - (do * out.float()).sum(-1, keepdim=True))
-    dq, dk = scale * ds @ k.float(), scale * ds.transpose(-1, -2) @ q.float()
+    dp = do @ v.to(acc).transpose(-1, -2)
+    ds = p * (dp - (do * out.to(acc)).sum(-1, keepdim=True))
+    dq, dk = scale * ds @ k.to(acc), scale * ds.transpose(-1, -2) @ q.to(acc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -129,8 +201,9 @@ def _normaliser(lse, softmax_one):
 
 
 def _logits(q, k, scale, causal, mask):
-    s = scale * q.float() @ k.float().transpose(-1, -2)
+    acc = _lse_dtype(q)
+    s = scale * q.to(acc) @ k.to(acc).transpose(-1, -2)
     if causal:
         keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
-    return s if mask is None else s + mask.float()
+    return s if mask is None else s + mask.to(acc)

@@ -5,7 +5,7 @@ features are recomputed in the backward instead of being saved, and every produc
 (rows x k)(k x d) or smaller. Causal attention uses prefix states H_<c, z_<c for earlier chunks
 and the exact Taylor polynomial inside a chunk.
 
-The loops over chunks are `scan`s (`compat.scan`): traced once, whatever the number of chunks,
+The loops over chunks are `scan`s (`control_flow.scan`): traced once, whatever the number of chunks,
 and lowered by Inductor to a loop around one compiled chunk step, so compile time does not grow
 with L and only one chunk's features are alive at a time. A scan runs over chunk numbers and each
 step reads its chunk of q, k, v (dO, O) straight from the inputs (`_take`): the inputs are
@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from .. import compat
+from . import control_flow
 from .features import FeatureTensors, feature_rank, taylor_features, taylor_features_vjp
 from .layout import reverse_leading_
 from .naive import key_center, taylor_polynomial
@@ -164,8 +164,8 @@ class _Prepared:
         self.mu_t = self.mu * self.root  # softmax_one's c_i = qt_i . mu_t
 
     def scan(self, fn, init, xs, extra=()):
-        """compat.scan, binding the symbolic sizes of the inputs (dynamic shapes) for its outputs."""
-        return compat.scan(fn, init, xs, extra, sizes=self.sizes)
+        """control_flow.scan, binding the symbolic sizes of the inputs (dynamic shapes) for its outputs."""
+        return control_flow.scan(fn, init, xs, extra, sizes=self.sizes)
 
     def queries(self, t):
         """[B, Hq, Lq, D] (q, dO, O) -> [B, Hkv, G, Nq * C, D], padded."""

@@ -2,7 +2,8 @@
 
 Shapes: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Hq a multiple of Hkv (GQA).
 `key_weight` [B, Lk] multiplies each key's weight exp(s_ij): 1 keeps a key, 0 masks it out,
-exp(b_j) carries an additive per-key bias b_j. Used by the tests (in float64) and nowhere else.
+exp(b_j) carries an additive per-key bias b_j. The tests compare every path with these, in float64;
+the op reuses two small helpers (`key_center`, `taylor_polynomial`) and the guard `key_center`.
 
 `softmax_one=True` selects outlier-free attention, softmax_1(x)_i = exp(x_i) / (1 + sum_j exp(x_j))
 (Hu et al. 2024, "Outlier-efficient Hopfield layers"): ordinary softmax with one extra null key

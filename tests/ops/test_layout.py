@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_pass.backend import lowrank_inductor_defaults, op_backend
+from lora_pass.lowering import lowrank_inductor_defaults, op_backend
 from lora_pass.ops import layout
 from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, _operands, guarded_attention, new_stats
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lora_pass.backend import op_backend
+from lora_pass.lowering import op_backend
 from lora_pass.ops import lowrank, naive
 from lora_pass.ops.attention import AttentionConfig, guarded_attention
 from lora_pass.ops.exact import exact_attention_backward, exact_attention_forward
@@ -281,7 +281,7 @@ def test_chunk_loop_compiles_to_one_loop_with_correct_gradients(causal):
     """The op as the backend inserts it (opaque to Dynamo, traced by AOTAutograd), several chunks:
     the chunk loops are compiled as loops (`while` in the forward and backward code, not unrolled),
     and output and gradients equal eager. The loops' initial states share zeros with each other
-    after CSE; a compiled loop that overwrote them gave wrong gradients (compat._while_loop_create_owning_carries)."""
+    after CSE; a compiled loop that overwrote them gave wrong gradients (lowering._while_loop_create_owning_carries)."""
     from torch._inductor.utils import run_and_get_code
 
     length = multi_chunk_length(causal, 44)
@@ -303,7 +303,7 @@ def test_chunk_loop_compiles_to_one_loop_with_correct_gradients(causal):
     ref_grads = torch.autograd.grad(ref, b, dout)
     assert len(codes) == 2 and all("while " in code for code in codes)
     # causal: the backward's reverse-scan state gradients are accumulated in place
-    # (compat.accumulate_carries_in_place); the forward's initial states share one zeros tensor
+    # (inductor_pass.accumulate_carries_in_place); the forward's initial states share one zeros tensor
     # (CSE) and the non-causal states are read after their loops: those stay loop outputs
     assert [("baddbmm_" in code) for code in codes] == [False, causal]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

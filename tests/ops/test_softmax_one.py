@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_pass import guard
-from lora_pass.backend import op_backend
+from lora_pass.lowering import op_backend
 from lora_pass.ops import exact, lowrank, naive
 from lora_pass.ops.attention import STATS_FIELDS, AttentionConfig, guarded_attention, new_stats
 from tests.ops.test_lowrank import case_id

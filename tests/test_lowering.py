@@ -1,11 +1,12 @@
-"""compat.subgraphs_without_donation: a loop in a backward keeps its loop-invariant inputs; the
+"""lowering.subgraphs_without_donation: a loop in a backward keeps its loop-invariant inputs; the
 backend's loop lowering under default Dynamo settings."""
 
 import pytest
 import torch
 
-from lora_pass import compat
-from lora_pass.backend import op_backend
+from lora_pass import inductor_pass, lowering
+from lora_pass.lowering import op_backend
+from lora_pass.ops import control_flow
 
 N, D = 4, 8
 
@@ -38,7 +39,7 @@ class _LoopInBackward(torch.autograd.Function):
             y = wt * 2.0 + xs[0]  # w's last use; a matmul reads y, so y gets a buffer of its own
             return (carry[0] + 1.0,), ((y.view(1, D) @ mt).view(D),)
 
-        _, (gx,) = compat.scan(step, (g.new_zeros(()),), (g,), (w, ctx.m2))
+        _, (gx,) = control_flow.scan(step, (g.new_zeros(()),), (g,), (w, ctx.m2))
         for t in ts:
             gx = gx * t
         return gx, None, None
@@ -76,9 +77,9 @@ def test_subgraph_lowerings_get_no_donated_inputs_and_the_patch_is_undone():
     from torch._inductor.graph import GraphLowering
 
     original = GraphLowering.make_subgraph
-    with compat.subgraphs_without_donation():
+    with lowering.subgraphs_without_donation():
         assert GraphLowering.make_subgraph is not original
-        with compat.subgraphs_without_donation():  # nested: one patch
+        with lowering.subgraphs_without_donation():  # nested: one patch
             pass
         assert GraphLowering.make_subgraph is not original
     assert GraphLowering.make_subgraph is original
@@ -93,7 +94,7 @@ def _state_loop(return_state):
         return (h + xs[0].transpose(-1, -2) @ b,), (h.sum(-1),)
 
     def f(xs, b):
-        (h,), (ys,) = compat.scan(step, (b.new_zeros(1, 4, 3),), (xs,), (b,))
+        (h,), (ys,) = control_flow.scan(step, (b.new_zeros(1, 4, 3),), (xs,), (b,))
         return (ys, h) if return_state else (ys,)
 
     return f
@@ -119,7 +120,7 @@ def _compiled_state_loop(return_state, seed, patches=None) -> str:
 
 @pytest.mark.parametrize("return_state", [False, True], ids=["state-unused", "state-returned"])
 def test_carried_state_is_accumulated_in_place_only_when_its_buffer_is_the_loops(return_state, monkeypatch):
-    """compat.accumulate_carries_in_place: the state becomes an in-place baddbmm_ on the carried
+    """inductor_pass.accumulate_carries_in_place: the state becomes an in-place baddbmm_ on the carried
     buffer when the final state is not read after the loop, and stays a loop output otherwise;
     the results equal eager either way. Compiled with the environment variable CI set and no
     lowering registered for baddbmm_ yet: there Inductor's implicit fallback raises for an op
@@ -150,8 +151,8 @@ def test_a_user_post_grad_pass_runs_before_the_backends():
             return "user-pass"
 
     user = UserPass()
-    combined = compat.with_post_grad_pass(user)
-    assert combined == (user, compat.PostGradPass.get()) and compat.with_post_grad_pass(None) is combined[1]
+    combined = inductor_pass.with_post_grad_pass(user)
+    assert combined == (user, inductor_pass.PostGradPass.get()) and inductor_pass.with_post_grad_pass(None) is combined[1]
     code = _compiled_state_loop(False, seed=4, patches={"post_grad_custom_pre_pass": user})
     # the user's pass ran on the graph before its scan was lowered (and on the scan's body, a
     # subgraph Inductor runs the post-grad passes on as well)
