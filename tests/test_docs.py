@@ -13,9 +13,6 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "bench" / "results" / "RESULTS.md"
 MAX_README_BYTES = 12_288
 
-# Named in the Layout section while they are being written; they may not exist yet.
-IN_PROGRESS = {"lora_pass/ops/lowrank_triton.py", "docs/gpu.md", "bench/gpu_check.sh"}
-
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
@@ -114,15 +111,13 @@ def test_layout_names_every_module_and_every_bench_and_docs_file():
 
 
 def test_layout_names_only_what_exists():
-    """Every path of the Layout block exists (a file being written may be listed before it does)."""
-    gone = sorted(e for e in _layout_entries(_readme()) if not (ROOT / e).exists() and e not in IN_PROGRESS)
+    """Every path of the Layout block exists."""
+    gone = sorted(e for e in _layout_entries(_readme()) if not (ROOT / e).exists())
     assert gone == [], f"README.md's Layout names paths that do not exist: {gone}"
 
 
 def test_relative_links_resolve():
     for doc in (README, RESULTS):
-        if not doc.exists():
-            continue
         links = _relative_links(doc.read_text(encoding="utf-8"))
         broken = sorted({t for t in links if not (doc.parent / t).exists()})
         assert broken == [], f"{doc.relative_to(ROOT)}: links to missing files: {broken}"
