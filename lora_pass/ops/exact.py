@@ -54,10 +54,10 @@ def additive_mask(key_weight, q):
     return torch.log(key_weight.to(q.dtype))[:, None, None, :]
 
 
-#: The kernels the exact branch implements (forward and backward), in SDPA's order of preference;
-#: SDPA's choice among them is `sdpa_kernel`'s answer (cuDNN attention, which SDPA may prefer on
-#: some GPUs, is not among them: its next choice is taken).
-KERNELS = ("flash", "efficient", "math")
+#: The kernels the exact branch implements (forward and backward), in SDPA's order of preference,
+#: by their SDPBackend names; SDPA's choice among them is `sdpa_kernel`'s answer (cuDNN attention,
+#: which SDPA may prefer on some GPUs, is not among them: its next choice is taken).
+KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 def _hint(n) -> int:
@@ -97,15 +97,14 @@ def _choice_cached(device_type, device_index, dtype, q_shape, k_shape, v_shape, 
     from torch.nn.attention import sdpa_kernel as allowed_kernels
     from torch.utils._python_dispatch import _disable_current_modes
 
-    chosen = {int(SDPBackend.FLASH_ATTENTION): "flash", int(SDPBackend.EFFICIENT_ATTENTION): "efficient",
-              int(SDPBackend.MATH): "math"}
+    backends = {name: getattr(SDPBackend, backend) for name, backend in KERNELS.items()}
     device = torch.device(device_type, device_index)
     with _disable_current_modes():
         q, k, v = (torch.empty((1, 1, *shape), dtype=dtype, device=device) for shape in (q_shape, k_shape, v_shape))
         m = None if mask is None else torch.zeros((1, 1, 1, mask[1]), dtype=mask[0], device=device)
-        with allowed_kernels([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            choice = torch._fused_sdp_choice(q, k, v, m, 0.0, causal, scale=scale)
-    return chosen.get(int(choice), "math")
+        with allowed_kernels(list(backends.values())):
+            choice = int(torch._fused_sdp_choice(q, k, v, m, 0.0, causal, scale=scale))
+    return next((name for name, backend in backends.items() if int(backend) == choice), "math")
 
 
 def exact_attention_forward(q, k, v, *, scale, causal, key_weight=None, softmax_one=False):
@@ -113,24 +112,28 @@ def exact_attention_forward(q, k, v, *, scale, causal, key_weight=None, softmax_
     `softmax_one`; the logsumexp is that of the ordinary softmax in both cases)."""
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     mask = additive_mask(key_weight, q)
-    if q.device.type == "cuda" and sdpa_kernel(q, k, v, mask, causal, scale) == "flash":
-        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-        lse = lse.to(_lse_dtype(q))
-        return (_null_factor(lse, out) if softmax_one else out), lse
-    if q.device.type == "cpu" and sdpa_kernel(q, k, v, mask, causal, scale) != "math":
+    device, kernel = q.device.type, _kernel(q, k, v, mask, causal, scale)
+    if device == "cpu" and kernel != "math":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
-        lse = lse.to(_lse_dtype(q))
-        return (_null_factor(lse, out) if softmax_one else out), lse
-    if q.device.type == "cuda" and sdpa_kernel(q, k, v, mask, causal, scale) == "efficient":
+    elif device == "cuda" and kernel == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    elif device == "cuda" and kernel == "efficient":
         bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale
         )
-        lse = lse[..., : q.shape[2]].to(_lse_dtype(q))
-        return (_null_factor(lse, out) if softmax_one else out), lse
-    return _math_forward(q, k, v, scale, causal, mask, softmax_one)
+        lse = lse[..., : q.shape[2]]
+    else:
+        return _math_forward(q, k, v, scale, causal, mask, softmax_one)
+    lse = lse.to(_lse_dtype(q))
+    return (_null_factor(lse, out) if softmax_one else out), lse
+
+
+def _kernel(q, k, v, mask, causal, scale) -> str:
+    """`sdpa_kernel` on CPU and CUDA; "math" (the explicit softmax) on other devices."""
+    return sdpa_kernel(q, k, v, mask, causal, scale) if q.device.type in ("cpu", "cuda") else "math"
 
 
 def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weight=None, softmax_one=False):
@@ -142,7 +145,7 @@ def exact_attention_backward(dout, q, k, v, out, lse, *, scale, causal, key_weig
     heads = k.shape[1]
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     mask = additive_mask(key_weight, q)
-    kernel = sdpa_kernel(q, k, v, mask, causal, scale) if q.device.type in ("cpu", "cuda") else "math"
+    kernel = _kernel(q, k, v, mask, causal, scale)
     if softmax_one and kernel != "math":
         dout = _null_factor(lse, dout)  # dO' = sigma(lse) dO, with O' = O1 (module docstring)
     if q.device.type == "cpu" and kernel != "math":
