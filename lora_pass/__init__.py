@@ -6,7 +6,9 @@
 Public API: `lowrank_lora` (the backend), `inspect` and its `Report`, `Options`, `records()`,
 `sites()`, `telemetry()`, `reset()`, `guarded_attention` and `AttentionConfig` (the op),
 `op_backend` (a torch.compile backend for functions that call the op directly), `softmax_1`
-(outlier-free attention; `lora_pass.softmax_one.register_attention()` adds it to transformers).
+(outlier-free attention; `lora_pass.softmax_one.register_attention()` adds it to transformers),
+`load_lora_checkpoint` and `checkpoint_inputs` (a local checkpoint of any supported family with
+LoRA, and a batch for it), `head_bounds` (the logit bound R per layer and head).
 
 Importing the package loads nothing else: each name is imported when first used (PEP 562), so a
 user who only compiles never loads the report's networkx and tabulate, and Inductor is loaded
@@ -27,6 +29,9 @@ _EXPORTS = {
     "guarded_attention": "ops.attention",
     "STATS_FIELDS": "ops.attention",
     "softmax_1": "softmax_one",
+    "load_lora_checkpoint": "checkpoints",
+    "checkpoint_inputs": "checkpoints",
+    "head_bounds": "heads",
     "records": "state",
     "sites": "state",
     "telemetry": "state",

@@ -44,18 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
         help="compile a LoRA model with lowrank_lora, run one step, print and save the report",
-        description="Build a model from its published config (random weights, or --weights PATH), apply PEFT "
-        "LoRA, compile it with backend='lowrank_lora', run one forward and backward step on random tokens, "
-        "print the report of rewritten and skipped attention sites, and save it to --out.",
+        description="Build an OPT model from its published config with random weights (--model), or load a "
+        "local checkpoint of any supported family (--weights), apply PEFT LoRA, compile it with "
+        "backend='lowrank_lora', run one forward and backward step, and print the report: rewritten and "
+        "skipped attention sites, and the logit bound R per layer and head against R_max with the smallest "
+        "tolerance and degree under which each layer passes. --out saves it, --plot draws it.",
     )
-    p.add_argument("--model", default="opt-125m", choices=sorted(OPT_ARCHS),
-                   help="architecture to build from its config (default: opt-125m)")
+    p.add_argument("--model", default=None, choices=sorted(OPT_ARCHS),
+                   help="OPT architecture to build from its config with random weights (default: opt-125m; "
+                        "not with --weights)")
     p.add_argument("--weights", metavar="PATH", default=None,
-                   help="local directory of a Hugging Face OPT checkpoint to load instead of random weights")
+                   help="local Hugging Face checkpoint: a directory saved with save_pretrained, of family "
+                        "OPT, LLaMA, Mistral, Qwen2, GPT-2, BERT or RoBERTa, or a .gguf file (LLaMA, Mistral, "
+                        "Qwen2, GPT-2; needs the gguf package)")
+    p.add_argument("--text", metavar="FILE", default=None,
+                   help="feed this text file through the checkpoint's own tokenizer (with --weights, when the "
+                        "checkpoint has a tokenizer; random tokens otherwise, and the report says which)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw R per layer and head against R_max (log scale), with lora_share, to this PNG file")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default: 512)")
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences per batch (default: 1)")
     p.add_argument("--lora", type=_lora_targets, default="q,v",
-                   help="comma-separated LoRA targets among q, k, v, o (default: q,v)")
+                   help="comma-separated LoRA targets among q, k, v, o, mapped to the family's module names "
+                        "(q_proj, query, GPT-2's fused c_attn, ...) (default: q,v)")
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default: 8)")
     p.add_argument("--alpha", type=_positive_int, default=16, help="LoRA alpha (default: 16)")
     p.add_argument("--attn", choices=["sdpa", "eager", "softmax1"], default="sdpa",
@@ -84,21 +95,57 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("PEFT is required: pip install 'lora-pass[peft]'")
 
+    if args.weights and args.model:
+        parser.error("argument --model: builds random weights; with --weights the family comes from the checkpoint")
+    if args.text and not args.weights:
+        parser.error("argument --text: needs --weights (a checkpoint with its tokenizer)")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        parser.error(f"argument --plot: expected a .png file name, got {args.plot!r}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("argument --plot: needs matplotlib: pip install 'lora-pass[plot]'")
+    text = None
+    if args.text:
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"argument --text: cannot read {args.text!r}: {exc}")
+
     import torch
 
     import lora_pass
-    from .models import build_opt_lora
 
-    model = build_opt_lora(args.model, lora=args.lora, r=args.rank, alpha=args.alpha, attn=args.attn,
-                           max_positions=max(2048, args.seq_len + 2), weights=args.weights, seed=args.seed)
-    vocab = model.get_base_model().config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    if args.weights:
+        from .checkpoints import checkpoint_inputs, load_lora_checkpoint
+
+        try:
+            model, info = load_lora_checkpoint(args.weights, lora=args.lora, r=args.rank, alpha=args.alpha,
+                                               attn=args.attn, seed=args.seed)
+            inputs, source = checkpoint_inputs(info, batch=args.batch, seq_len=args.seq_len, text=text,
+                                               seed=args.seed)
+        except (ValueError, ImportError, OSError) as exc:
+            parser.error(f"argument --weights: {exc}")
+        print(f"{info.path}: family {info.family}, {info.model_class}, LoRA on {', '.join(info.targets)}; "
+              f"inputs: {source}")
+    else:
+        from .models import build_opt_lora
+
+        model = build_opt_lora(args.model or "opt-125m", lora=args.lora, r=args.rank, alpha=args.alpha,
+                               attn=args.attn, max_positions=max(2048, args.seq_len + 2), seed=args.seed)
+        vocab = model.get_base_model().config.vocab_size
+        ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+        inputs, source = {"input_ids": ids, "labels": ids, "use_cache": False}, "random tokens"
     options = {"mode": args.mode, "tolerance": args.tolerance, "degree": args.degree, "crossover": args.crossover}
-    report = lora_pass.inspect(model, input_ids=ids, labels=ids, use_cache=False, options=options,
-                               backward=not args.no_backward)
+    report = lora_pass.inspect(model, options=options, backward=not args.no_backward, **inputs)
+    report.inputs = source
     print(report)
     if args.out:
         print(f"\nsaved to {report.save(args.out)}")
+    if args.plot:
+        print(f"plot: {report.plot(args.plot)}")
     return 0
 
 

@@ -55,6 +55,22 @@ def r_max(degree: int, tolerance: float) -> float:
     return lo
 
 
+def tolerance_for(bound: float, degree: int) -> float:
+    """The smallest tolerance whose R_max(degree, tolerance) admits `bound`: the largest of the
+    error bounds at R = bound (R_max is monotone in the tolerance, the bounds monotone in R).
+    A value >= 1 means no tolerance the backend accepts (0 < tolerance < 1) admits it."""
+    if not math.isfinite(bound):
+        return math.inf
+    return max(error_bounds(bound, degree).values())
+
+
+def degree_for(bound: float, tolerance: float, max_degree: int = 6) -> int | None:
+    """The smallest Taylor degree g <= max_degree with R_max(g, tolerance) >= bound, or None."""
+    if not math.isfinite(bound):
+        return None
+    return next((g for g in range(1, max_degree + 1) if r_max(g, tolerance) >= bound), None)
+
+
 def norm_bound(q: torch.Tensor, k: torch.Tensor, *, scale: float, key_weight=None) -> torch.Tensor:
     """R = scale * max_i ||q_i|| * max_j ||k_j - mu|| per (batch, KV head), max over all: a 0-d tensor.
 

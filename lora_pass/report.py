@@ -10,6 +10,7 @@ import networkx as nx
 import torch
 from tabulate import tabulate
 
+from .options import Options
 from .regions import to_dot
 
 
@@ -24,10 +25,20 @@ class Report:
         graphs: readable code: "dynamo_before", "dynamo_after" and, per AOT graph,
             "forward_before", "backward_before", "forward_after", "backward_after".
         regions: networkx graphs of the rewritten regions, one per site.
+        layers: one dict per attention layer of a transformers model, in call order, measured on
+            the same inputs in eager mode (lora_pass.heads): "heads" (R per query head, float64),
+            "bound" (their maximum), "r_max", "margin" (bound / r_max), "heads_over" (heads above
+            R_max), "tolerance_to_pass" (the smallest tolerance under which the layer passes at
+            this degree; >= 1: none), "degree_to_pass" (the smallest degree that passes at this
+            tolerance; None: none up to 6), and for a rewritten site its "path", the guard's
+            "site_bound" and "lora_share" (the share of the composed norm bound due to LoRA).
+            Empty where the model's attention does not go through transformers' AttentionInterface.
+        inputs: what the tokens were (set by the command line; None otherwise).
     """
 
-    def __init__(self, records, telemetry):
+    def __init__(self, records, telemetry, layers=(), options=None, inputs=None):
         self.sites, self.skipped, self.graphs, self.regions = [], [], {}, []
+        self.options, self.inputs = options, inputs
         stats_by_submodule = {site.submodule: stats for site, stats in telemetry}
         for i, record in enumerate(records):
             suffix = f"_{i}" if len(records) > 1 else ""
@@ -46,15 +57,17 @@ class Report:
                 entry["path"] = _path_taken(stats)
                 self.sites.append(entry)
             self.skipped += [{"module": s.module, "family": s.family, "reason": s.reason} for s in record.skipped]
+        self.layers = [_layer_entry(layer, self.sites, options) for layer in layers]
 
     def to_dict(self) -> dict:
-        return {"sites": self.sites, "skipped": self.skipped, "graphs": dict(self.graphs)}
+        return {"sites": self.sites, "skipped": self.skipped, "layers": self.layers, "inputs": self.inputs,
+                "graphs": dict(self.graphs)}
 
     def save(self, directory) -> pathlib.Path:
         """Write sites.json, graphs/*.py, and region_<i>.graphml / .dot per site; returns the dir."""
         out = pathlib.Path(directory)
         (out / "graphs").mkdir(parents=True, exist_ok=True)
-        data = {"sites": self.sites, "skipped": self.skipped}
+        data = {"sites": self.sites, "skipped": self.skipped, "layers": self.layers, "inputs": self.inputs}
         (out / "sites.json").write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
         for name, code in self.graphs.items():
             (out / "graphs" / f"{name}.py").write_text(code)
@@ -78,13 +91,103 @@ class Report:
                                         "path taken", "compiled"])
         skipped = tabulate([[s["module"], s["family"], s["reason"]] for s in self.skipped],
                            headers=["skipped module", "family", "reason"])
-        return f"{len(self.sites)} rewritten attention site(s)\n{sites}\n\n{len(self.skipped)} skipped\n{skipped}"
+        text = f"{len(self.sites)} rewritten attention site(s)\n{sites}\n\n{len(self.skipped)} skipped\n{skipped}"
+        if self.layers:
+            text += "\n\n" + self.layer_table()
+        if self.inputs:
+            text += f"\n\ninputs: {self.inputs}"
+        return text
+
+    def layer_table(self) -> str:
+        """Per layer: R (the largest over heads), R_max, the margin R / R_max, heads above R_max,
+        the smallest tolerance and degree under which the layer passes, and LoRA's share of the
+        composed norm bound."""
+        opts = self.options
+        rows = []
+        for i, layer in enumerate(self.layers):
+            worst = max(range(len(layer["heads"])), key=layer["heads"].__getitem__)
+            tol, deg = layer["tolerance_to_pass"], layer["degree_to_pass"]
+            share = layer["lora_share"]
+            rows.append([i, layer["module"], f"{layer['bound']:.3g}", f"{layer['r_max']:.3g}", f"{layer['margin']:.3g}",
+                         f"{layer['heads_over']}/{len(layer['heads'])}", worst,
+                         "none" if not tol < 1 else f"{tol:.3g}", "none" if deg is None else deg,
+                         "-" if share is None or math.isnan(share) else f"{share:.3f}", layer["path"]])
+        table = tabulate(rows, headers=["layer", "module", "R", "R_max", "R/R_max", "heads over", "worst head",
+                                        "tolerance to pass", "degree to pass", "lora_share", "path"])
+        setting = "" if opts is None else f" (degree {opts.degree}, tolerance {opts.tolerance:g})"
+        return f"logit bound R per layer, largest over {len(self.layers[0]['heads'])} head(s){setting}\n{table}"
+
+    def plot(self, path) -> pathlib.Path:
+        """Draw R per layer and head against R_max (log scale), with LoRA's share of the composed
+        norm bound per layer beside it, to the PNG file `path`. Needs matplotlib."""
+        if not self.layers:
+            raise ValueError("no per-head bounds to plot: the model's attention does not go through transformers' "
+                             "AttentionInterface")
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install 'lora-pass[plot]'") from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = len(self.layers)
+        fig, (ax, share_ax) = plt.subplots(1, 2, figsize=(min(4 + 0.5 * n, 16) + 4, 4.5),
+                                           gridspec_kw={"width_ratios": [3, 1]})
+        for i, layer in enumerate(self.layers):
+            heads = layer["heads"]
+            offsets = [(h - (len(heads) - 1) / 2) * 0.6 / max(len(heads), 1) for h in range(len(heads))]
+            colours = ["tab:red" if r > layer["r_max"] else "tab:blue" for r in heads]
+            ax.scatter([i + o for o in offsets], [max(r, 1e-12) for r in heads], c=colours, s=14)
+        r_max_value = self.layers[0]["r_max"]
+        ax.axhline(r_max_value, color="black", linestyle="--", label=f"R_max = {r_max_value:.3g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("logit bound R per head")
+        ax.set_xticks(range(n))
+        ax.legend(loc="best")
+        ax.set_title("R per head; a layer with a head above R_max (red) fails the guard")
+        shares = [(i, layer["lora_share"]) for i, layer in enumerate(self.layers)
+                  if layer["lora_share"] is not None and math.isfinite(layer["lora_share"])]
+        if shares:  # layers that are not rewritten sites have no composed-norm telemetry: no bar
+            share_ax.bar(*zip(*shares), color="tab:green")
+        share_ax.set_ylim(0, 1)
+        share_ax.set_xlabel("layer")
+        share_ax.set_title("lora_share")
+        share_ax.set_xticks(range(n))
+        fig.tight_layout()
+        out = pathlib.Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png", dpi=100)
+        plt.close(fig)
+        return out
 
     def __str__(self) -> str:
         return self.table()
 
     def __repr__(self) -> str:
         return f"Report({len(self.sites)} sites, {len(self.skipped)} skipped)"
+
+
+def _layer_entry(layer: dict, sites: list, options) -> dict:
+    from .guard import degree_for, tolerance_for
+
+    opts = options or Options()
+    site = next((s for s in sites if s["module"] == layer["module"]), None)
+    stats = None if site is None else site["stats"]
+    bound = max(layer["heads"])
+    limit = site["r_max"] if site is not None else opts.r_max
+    return {
+        **layer,
+        "bound": bound,
+        "r_max": limit,
+        "margin": bound / limit,
+        "heads_over": sum(r > limit for r in layer["heads"]),
+        "tolerance_to_pass": tolerance_for(bound, opts.degree),
+        "degree_to_pass": degree_for(bound, opts.tolerance),
+        "path": "not rewritten" if site is None else site["path"],
+        "site_bound": None if site is None else site["bound"],
+        "lora_share": None if stats is None else stats["lora_share"],
+    }
 
 
 def _path_taken(stats) -> str:
@@ -102,14 +205,16 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def inspect(model, *args, options=None, backward=True, **kwargs) -> Report:
+def inspect(model, *args, options=None, backward=True, per_head=True, **kwargs) -> Report:
     """Compile `model` with `lowrank_lora`, run it once on the inputs (and a backward pass unless
-    `backward=False`), and report what the backend did.
+    `backward=False`), and report what the backend did. With `per_head` (default), the model also
+    runs once in eager mode on the same inputs to measure R per layer and head (Report.layers).
 
     Example:
         >>> report = lora_pass.inspect(peft_model, input_ids=ids, labels=ids, use_cache=False)
         >>> print(report)            # tables of rewritten sites and skipped candidates
         >>> report.save("report/")   # sites.json, graphs/*.py, region_<i>.graphml and .dot
+        >>> report.plot("heads.png")  # R per layer and head against R_max
     """
     from . import backend, state
 
@@ -122,7 +227,15 @@ def inspect(model, *args, options=None, backward=True, **kwargs) -> Report:
     records = state.records()[start:]
     submodules = {site.submodule for r in records for site in r.sites}
     current = [(site, stats) for site, stats in state.telemetry() if site.submodule in submodules]
-    return Report(records, current)
+    layers = []
+    if per_head:
+        from .heads import head_bounds
+
+        try:
+            layers = head_bounds(model, *args, **kwargs)
+        except ValueError:  # attention not dispatched through transformers: no per-head picture
+            layers = []
+    return Report(records, current, layers=layers, options=Options.parse(options))
 
 
 def _scalar_output(out) -> torch.Tensor:

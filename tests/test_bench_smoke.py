@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -183,3 +184,16 @@ def test_model_goals_compare_with_the_op_and_plain_inductor():
     goals = attention.check_model_goals([{**row, "model_vs_op": 0.85}, {**row, "compile_extra_s": 75.0,
                                                                          "lowrank_compile_s": 80.0}])
     assert not any(v for v in goals.values())
+
+
+def test_convergence_smallest(tmp_path):
+    report = run("convergence.py", "--seq", "512", "--steps", "3", "--pretrain-steps", "4", "--modes", "lowrank",
+                 out=tmp_path)
+    (row,) = report["rows"]
+    assert row["mode"] == "lowrank" and row["step_ms"] > 0 and math.isfinite(row["final_loss"])
+    run_ = report["runs"]["lowrank"]
+    assert len(run_["losses"]) == 3 and len(run_["bounds"]) == 3 and len(run_["bounds"][0]) == 2
+    assert all(paths == ["lowrank", "lowrank"] for paths in run_["paths"])  # forced: every call low-rank
+    assert row["lowrank_steps"] == 3 and 0 < row["first_r"] < math.inf
+    assert report["pretraining"]["steps"] == 4 and len(report["pretraining"]["losses"]) == 4
+    assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

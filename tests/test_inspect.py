@@ -46,6 +46,13 @@ def test_report_sites_and_fields(report):
     assert [s["path"] for s in sorted(rep.sites, key=lambda s: s["module"])] == ["lowrank", "exact"]
     text = str(rep)
     assert "2 rewritten attention site(s)" in text and "layers.1.self_attn" in text
+    # per layer and head, measured in eager mode on the same inputs: the largest head is the guard's R
+    assert [layer["module"] for layer in rep.layers] == [s["module"] for s in sorted(rep.sites, key=lambda s: s["module"])]
+    for layer, site in zip(rep.layers, sorted(rep.sites, key=lambda s: s["module"])):
+        assert len(layer["heads"]) == 2 and layer["bound"] == max(layer["heads"])
+        assert layer["bound"] == pytest.approx(site["bound"], rel=1e-4) and layer["path"] == site["path"]
+        assert (layer["heads_over"] > 0) == (site["path"] == "exact")
+    assert "logit bound R per layer" in text and "tolerance to pass" in text
 
 
 def test_report_graphs_before_and_after(report):
@@ -63,9 +70,10 @@ def test_report_saved_files_parse_back(report):
     _, rep, out = report
     data = json.loads((out / "sites.json").read_text())
     assert len(data["sites"]) == LAYERS
-    expected = {key: value for key, value in rep.to_dict().items() if key in ("sites", "skipped")}
+    expected = {key: value for key, value in rep.to_dict().items() if key != "graphs"}
     assert data == json.loads(json.dumps(expected, default=str))
-    assert rep.to_dict()["graphs"] == rep.graphs and set(rep.to_dict()) == {"sites", "skipped", "graphs"}
+    assert rep.to_dict()["graphs"] == rep.graphs
+    assert set(rep.to_dict()) == {"sites", "skipped", "layers", "inputs", "graphs"}
     for name in rep.graphs:
         code = (out / "graphs" / f"{name}.py").read_text()
         compile(code, name, "exec")  # readable, valid Python
