@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 
 import networkx as nx
@@ -210,6 +211,11 @@ def inspect(model, *args, options=None, backward=True, per_head=True, **kwargs) 
     `backward=False`), and report what the backend did. With `per_head` (default), the model also
     runs once in eager mode on the same inputs to measure R per layer and head (Report.layers).
 
+    `model` may also be the path of a local checkpoint (a `save_pretrained` directory or a .gguf
+    file): it is loaded with `lora_pass.load_lora_checkpoint` (LoRA r = 8 on q and v; load it
+    yourself for other settings) and, without inputs, run on one sequence of random tokens, as
+    long as the position table allows up to 512 (the report's `inputs` says so).
+
     Example:
         >>> report = lora_pass.inspect(peft_model, input_ids=ids, labels=ids, use_cache=False)
         >>> print(report)            # tables of rewritten sites and skipped candidates
@@ -218,6 +224,13 @@ def inspect(model, *args, options=None, backward=True, per_head=True, **kwargs) 
     """
     from . import backend, state
 
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoints import checkpoint_inputs, load_lora_checkpoint
+
+        model, info = load_lora_checkpoint(model)
+        if not args and not kwargs:
+            kwargs, source = checkpoint_inputs(info, batch=1, seq_len=min(512, info.max_positions or 512))
     start = len(state.records())
     compiled = torch.compile(model, backend=backend.lowrank_lora, options=options)
     with state.capturing():
@@ -235,7 +248,7 @@ def inspect(model, *args, options=None, backward=True, per_head=True, **kwargs) 
             layers = head_bounds(model, *args, **kwargs)
         except ValueError:  # attention not dispatched through transformers: no per-head picture
             layers = []
-    return Report(records, current, layers=layers, options=Options.parse(options))
+    return Report(records, current, layers=layers, options=Options.parse(options), inputs=source)
 
 
 def _scalar_output(out) -> torch.Tensor:

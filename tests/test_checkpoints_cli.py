@@ -64,3 +64,13 @@ def test_cli_reads_a_gguf_file(tmp_path, capsys):
                       "--text", __file__], capsys)
     assert code == 0 and "family llama" in out.out and "2 rewritten attention site(s)" in out.out
     assert "random tokens (no tokenizer in" in out.out
+
+
+def test_inspect_takes_a_checkpoint_path(checkpoints):
+    import lora_pass
+
+    torch._dynamo.reset()
+    report = lora_pass.inspect(str(checkpoints["gpt2"]), options={"mode": "exact"}, backward=False)
+    assert report.inputs == "random tokens" and len(report.sites) == 2
+    assert [layer["path"] for layer in report.layers] == ["exact", "exact"]
+    assert all(layer["seq_len"] == 64 for layer in report.layers)  # GPT-2's 64 positions, not 512
