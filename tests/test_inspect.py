@@ -160,7 +160,8 @@ def test_cli_bad_flags_exit_2(flags, message):
 def test_cli_help_documents_every_flag():
     out = _run(["-m", "lora_pass", "inspect", "--help"], timeout=120)
     assert out.returncode == 0
-    for flag in ("--model", "--weights", "--seq-len", "--lora", "--out", "--mode", "--tolerance", "--attn"):
+    for flag in ("--model", "--weights", "--text", "--plot", "--seq-len", "--lora", "--out", "--mode", "--tolerance",
+                 "--attn"):
         assert flag in out.stdout
 
 
