@@ -41,11 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py; also puts the checkout on sys.path)
 from opt_finetune import batch_at, extend_positions, token_stream  # noqa: E402
 
+from lora_pass.models import parse_lora_targets  # noqa: E402
+
 MODES = ("inductor", "auto", "lowrank")
-TARGETS = {
-    "q,v": ["q_proj", "v_proj"],
-    "q,k,v": ["q_proj", "k_proj", "v_proj"],
-    "q,v,o,mlp": ["q_proj", "v_proj", "out_proj", "fc1", "fc2"],
+TARGETS = {  # OPT's module names; "mlp" adds its two feed-forward projections
+    "q,v": parse_lora_targets("q,v"),
+    "q,k,v": parse_lora_targets("q,k,v"),
+    "q,v,o,mlp": parse_lora_targets("q,v,o") + ["fc1", "fc2"],
 }
 PRETRAIN = {"seq": 256, "batch": 8, "steps": 600, "lr": 3e-3}
 LOSS_GOAL = 0.01  # final loss of each backend run within 1% of Inductor's
@@ -60,6 +62,8 @@ def run_worker(spec: dict) -> dict:
 
     import torch
 
+    import lora_pass
+
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     if spec.get("threads"):
@@ -71,8 +75,6 @@ def run_worker(spec: dict) -> dict:
     if mode == "inductor":
         fn = torch.compile(model, backend="inductor")
     else:
-        import lora_pass
-
         lora_pass.reset()
         options = {"mode": mode, "degree": spec["degree"], "tolerance": spec["tolerance"]}
         if spec.get("crossover") is not None:
@@ -94,8 +96,6 @@ def run_worker(spec: dict) -> dict:
         if step == 0:
             compile_wall = time.perf_counter() - wall
         if mode != "inductor":
-            import lora_pass
-
             tel = sorted(lora_pass.telemetry(), key=lambda item: item[0].module)
             bounds.append([st["last_bound"] for _, st in tel])
             shares.append([st["lora_share"] for _, st in tel])
@@ -109,10 +109,7 @@ def run_worker(spec: dict) -> dict:
             print(f"{mode} step {step}: loss {losses[-1]:.4f}, {1000 * times[-1]:.0f} ms", file=sys.stderr, flush=True)
     result = {"mode": mode, "losses": losses, "step_cpu_s": times, "threads": torch.get_num_threads(),
               "compile_s": compile_wall - statistics.median(times[1:]) if len(times) > 1 else None}
-    if mode != "inductor":
-        import lora_pass
-
-        tel = sorted(lora_pass.telemetry(), key=lambda item: item[0].module)
+    if mode != "inductor":  # `tel`: the sites of the last step, the same at every step
         result.update(sites=[site.module for site, _ in tel], site_paths=[site.paths for site, _ in tel],
                       r_max=tel[0][0].r_max, bounds=bounds, lora_share=shares, paths=paths)
     return result

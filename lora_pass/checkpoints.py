@@ -14,19 +14,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-# model_type -> LoRA target module names for the letters q, k, v, o. GPT-2 makes q, k and v in one
-# fused Conv1D (c_attn): any of q, k, v adapts all three; "attn.c_proj" leaves the MLP's c_proj alone.
-_DECODER = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-_ENCODER = {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"}
-FAMILY_TARGETS = {
-    "opt": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"},
-    "llama": _DECODER,
-    "mistral": _DECODER,
-    "qwen2": _DECODER,
-    "gpt2": {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj"},
-    "bert": _ENCODER,
-    "roberta": _ENCODER,
-}
+from .models import FAMILY_TARGETS, _attn, parse_lora_targets
+
 ENCODERS = ("bert", "roberta")
 # the class used when the checkpoint's config names none that transformers has
 _DEFAULT_CLASS = {family: "AutoModel" if family in ENCODERS else "AutoModelForCausalLM" for family in FAMILY_TARGETS}
@@ -49,17 +38,6 @@ class Checkpoint:
 
 def supported_families() -> list[str]:
     return sorted(FAMILY_TARGETS)
-
-
-def lora_targets(spec: str, family: str) -> list[str]:
-    """'q,v' -> the family's module names (['q_proj', 'v_proj'] for LLaMA; ['c_attn'] for GPT-2);
-    ValueError naming what is allowed."""
-    table = FAMILY_TARGETS[family]
-    letters = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in letters if n not in table]
-    if not letters or bad:
-        raise ValueError(f"LoRA targets must be a comma-separated subset of {sorted(table)}, got {spec!r}")
-    return list(dict.fromkeys(table[n] for n in letters))
 
 
 def _locate(path) -> tuple[str, str | None]:
@@ -97,8 +75,6 @@ def load_lora_checkpoint(path, *, lora: str = "q,v", r: int = 8, alpha: int = 16
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from .models import _attn
-
     directory, gguf_file = _locate(path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     config = transformers.AutoConfig.from_pretrained(directory, **extra)
@@ -116,7 +92,7 @@ def load_lora_checkpoint(path, *, lora: str = "q,v", r: int = 8, alpha: int = 16
         **extra)
     if family == "gpt2":
         model.loss_type = "ForCausalLM"  # unset for GPT-2, transformers warns on first use: a graph break
-    targets = lora_targets(lora, family)
+    targets = parse_lora_targets(lora, family)
     peft_config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                              fan_in_fan_out=family == "gpt2")
     peft_model = get_peft_model(model, peft_config)

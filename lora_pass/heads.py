@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from .ops.naive import key_center
+
 
 def bound_per_head(query: torch.Tensor, key: torch.Tensor, *, scale: float, attention_mask=None) -> torch.Tensor:
     """R per query head, float64 [Hq], from query [B, Hq, Lq, D] and key [B, Hkv, Lk, D].
@@ -36,12 +38,7 @@ def bound_per_head(query: torch.Tensor, key: torch.Tensor, *, scale: float, atte
     hkv, lk = key.shape[1], key.shape[2]
     q, k = query.detach().double(), key.detach().double()
     valid = _visible_keys(attention_mask, b, lk, k.device)  # [B, Lk] float64 or None
-    if valid is None:
-        mu = k.mean(dim=-2, keepdim=True)
-    else:
-        w = valid[:, None, :, None]
-        mu = (k * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1)
-    kn = torch.linalg.vector_norm(k - mu, dim=-1)  # [B, Hkv, Lk]
+    kn = torch.linalg.vector_norm(k - key_center(k, valid), dim=-1)  # [B, Hkv, Lk]
     if valid is not None:
         kn = kn * valid[:, None, :]
     kmax = kn.amax(-1).repeat_interleave(hq // hkv, dim=1)  # [B, Hq]

@@ -15,7 +15,19 @@ OPT_ARCHS = {
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, word_embed_proj_dim=2048),
 }
 
-LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+# model_type -> LoRA target module names for the letters q, k, v, o. GPT-2 makes q, k and v in one
+# fused Conv1D (c_attn): any of q, k, v adapts all three; "attn.c_proj" leaves the MLP's c_proj alone.
+_DECODER = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+_ENCODER = {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"}
+FAMILY_TARGETS = {
+    "opt": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"},
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "gpt2": {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj"},
+    "bert": _ENCODER,
+    "roberta": _ENCODER,
+}
 # attention implementations: transformers' own, and "softmax1", the outlier-free variant
 # (lora_pass.softmax_one): OPT with softmax_1 in place of softmax, as in the paper's experiment
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "softmax1")
@@ -45,13 +57,15 @@ def opt_config(name: str, *, attn: str = "sdpa", max_positions: int | None = Non
     return OPTConfig(**kwargs)
 
 
-def parse_lora_targets(spec: str) -> list[str]:
-    """'q,v' -> ['q_proj', 'v_proj']; ValueError naming what is allowed."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in LORA_TARGETS]
-    if not names or bad:
-        raise ValueError(f"LoRA targets must be a comma-separated subset of {sorted(LORA_TARGETS)}, got {spec!r}")
-    return [LORA_TARGETS[n] for n in names]
+def parse_lora_targets(spec: str, family: str = "opt") -> list[str]:
+    """'q,v' -> the family's module names (['q_proj', 'v_proj'] for OPT and LLaMA; ['c_attn'] for
+    GPT-2); ValueError naming what is allowed."""
+    table = FAMILY_TARGETS[family]
+    letters = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in letters if n not in table]
+    if not letters or bad:
+        raise ValueError(f"LoRA targets must be a comma-separated subset of {sorted(table)}, got {spec!r}")
+    return list(dict.fromkeys(table[n] for n in letters))
 
 
 def build_opt_lora(name: str = "opt-125m", *, lora: str = "q,v", r: int = 8, alpha: int = 16, attn: str = "sdpa",
