@@ -180,6 +180,28 @@ if HAVE_TRITON:
             base += NB - i
         return a, b
 
+    @triton.jit
+    def _query_block(Q, MU, sq_b, sq_h, sq_t, n_heads_q, group, len_q, root,
+                     D: tl.constexpr, BM: tl.constexpr):
+        """The query block of this program (grid: query blocks x batch * query heads): batch b, query
+        head hq, its KV head hkv and KV row bkv = b * Hkv + hkv, first row i0, the rows and their
+        mask, the block's pointer, its rows qt = q * root in fp32, and the key centre mu of its KV head."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads_q).to(tl.int64)
+        hq = pid_bh % n_heads_q
+        hkv = hq // group
+        bkv = b * (n_heads_q // group) + hkv
+        i0 = pid_m * BM
+        t = tl.arange(0, BM)
+        rows = i0 + t
+        rmask = rows < len_q
+        cols = tl.arange(0, D)
+        q_ptr = Q + b * sq_b + hq * sq_h + i0 * sq_t
+        qt = tl.load(q_ptr + t[:, None] * sq_t + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32) * root
+        mu = tl.load(MU + bkv * D + cols)
+        return b, hq, hkv, bkv, i0, rows, rmask, q_ptr, qt, mu
+
     @triton.jit(do_not_specialize=_FLAGS_STATE)
     def _state_kernel(X, Y, MU, AW, CW, H, Z,
                       sx_b, sx_h, sx_t, sy_b, sy_h, sy_t,
@@ -288,22 +310,12 @@ if HAVE_TRITON:
         ST: tl.constexpr = H.dtype.element_ty
         ST_OP: tl.constexpr = tl.float32 if EMULATE else ST
         BI: tl.constexpr = max(16, BM // 2)  # key rows per step of the intra loop
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // n_heads_q).to(tl.int64)
-        hq = pid_bh % n_heads_q
-        hkv = hq // group
-        bkv = b * (n_heads_q // group) + hkv
-        i0 = pid_m * BM
+        b, hq, hkv, bkv, i0, rows, rmask, q_ptr, qt, mu = _query_block(Q, MU, sq_b, sq_h, sq_t, n_heads_q, group,
+                                                                        len_q, root, D, BM)
         t = tl.arange(0, BM)
         ti = tl.arange(0, BI)
         e = tl.arange(0, E)
-        rows = i0 + t
-        rmask = rows < len_q
         cols = tl.arange(0, D)
-        q_ptr = Q + b * sq_b + hq * sq_h + i0 * sq_t
-        qt = tl.load(q_ptr + t[:, None] * sq_t + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32) * root
-        mu = tl.load(MU + bkv * D + cols)
         num = tl.zeros([BM, D], dtype=tl.float32)
         den = tl.zeros([BM], dtype=tl.float32)
         sc = i0 // super_len
@@ -374,26 +386,17 @@ if HAVE_TRITON:
         IN_OP: tl.constexpr = tl.float32 if EMULATE else IN
         ST: tl.constexpr = H.dtype.element_ty
         ST_OP: tl.constexpr = tl.float32 if EMULATE else ST
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // n_heads_q).to(tl.int64)
-        hq = pid_bh % n_heads_q
-        hkv = hq // group
-        bkv = b * (n_heads_q // group) + hkv
-        i0 = pid_m * BM
+        b, hq, hkv, bkv, i0, rows, rmask, q_ptr, qt, mu = _query_block(Q, MU, sq_b, sq_h, sq_t, n_heads_q, group,
+                                                                        len_q, root, D, BM)
+        pid_bh = tl.program_id(1)  # the row of R and DD
         t = tl.arange(0, BM)
         ti = tl.arange(0, BI)
         e = tl.arange(0, E)
-        rows = i0 + t
-        rmask = rows < len_q
         cols = tl.arange(0, D)
         fcols = tl.arange(0, T)
-        q_ptr = Q + b * sq_b + hq * sq_h + i0 * sq_t
         k_ptr = K + b * sk_b + hkv * sk_h
         v_ptr = V + b * sv_b + hkv * sv_h
-        qt = tl.load(q_ptr + t[:, None] * sq_t + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32) * root
         qt_in = qt.to(IN).to(IN_OP)
-        mu = tl.load(MU + bkv * D + cols)
         sc = i0 // super_len
         sidx = tl.where(causal != 0, sc - 1, 0)
         h_ptr = H + (bkv * n_states + sidx) * k_rows * D
